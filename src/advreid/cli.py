@@ -1,0 +1,239 @@
+"""The ``advreid`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, KeyError, OSError, RuntimeError,
+)
+
+
+def _cmd_synth(a: argparse.Namespace) -> int:
+    from advreid.data import generate_synthetic
+
+    t0 = time.perf_counter()
+    out = generate_synthetic(
+        a.out, num_train_ids=a.ids, num_test_ids=a.test_ids if a.test_ids is not None else a.ids,
+        num_cams=a.cams, height=a.height, width=a.width, seed=a.seed, overwrite=a.overwrite, progress=True,
+    )
+    from advreid.data import build_dataset, format_dataset_info
+
+    print(format_dataset_info(build_dataset("market1501", out)))
+    print(f"wrote a Market-1501-format synthetic dataset to {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _cmd_data_info(a: argparse.Namespace) -> int:
+    from advreid.data import build_dataset, format_dataset_info
+
+    opts = {"train_all": a.train_all}
+    if a.dataset == "cuhk03":
+        opts["labeled"] = a.labeled
+    print(format_dataset_info(build_dataset(a.dataset, a.root, **opts)))
+    return 0
+
+
+def _train_overrides(a: argparse.Namespace) -> list[str]:
+    ov = list(a.overrides)
+    if a.data is not None:
+        ov.append(f"data.root={a.data}")
+    if a.dataset is not None:
+        ov.append(f"data.name={a.dataset}")
+    if a.device is not None:
+        ov.append(f"device={a.device}")
+    return ov
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from advreid.engine import train
+
+    res = train(a.config, a.out, resume=a.resume, overwrite=a.overwrite, overrides=_train_overrides(a))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {res.epochs} epochs; final checkpoint {res.checkpoint}.safetensors")
+    return 0
+
+
+def run_eval(run_dir: Path, data: str, dataset: str | None, *, rerank: bool, flip: bool | None,
+             metric: str | None, ap: str | None, checkpoint: str | None, device: str | None,
+             num_workers: int | None = None) -> dict:
+    """Evaluate a run's checkpoint on a dataset; append the result to ``run_dir/results.json``."""
+    import json
+
+    from advreid.data import build_dataset
+    from advreid.engine import find_checkpoint
+    from advreid.evaluation import evaluate_model
+    from advreid.models import load_checkpoint
+    from advreid.utils.io import atomic_write_json
+    from advreid.utils.misc import get_device
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    stem = Path(checkpoint) if checkpoint else find_checkpoint(run_dir)
+    model = load_checkpoint(stem)
+    meta = model.checkpoint_meta.get("meta", {})
+    cfg = meta.get("config", {})
+    ecfg = cfg.get("eval", {})
+    h, w = meta.get("input_size", [256, 128])
+    ds_name = dataset or cfg.get("data", {}).get("name", "market1501")
+    ds = build_dataset(ds_name, data)
+    dev = get_device(device)
+    model.to(dev)
+    res = evaluate_model(
+        model, ds.query, ds.gallery, metric=metric or ecfg.get("metric", "cosine"),
+        normalize=ecfg.get("normalize", True), flip=ecfg.get("flip", False) if flip is None else flip,
+        rerank=rerank, ap=ap or ecfg.get("ap", "standard"), batch_size=ecfg.get("batch_size", 128),
+        height=h, width=w, device=dev, num_workers=num_workers if num_workers is not None else 2, progress=True,
+    )
+    res.update({"dataset": ds_name, "data_root": str(data), "checkpoint": str(stem),
+                "trained_on": meta.get("dataset"),
+                "cross_domain": _is_cross_domain(ds_name, data, meta.get("dataset"), cfg.get("data", {}).get("root"))})
+    path = run_dir / "results.json"
+    existing = json.loads(path.read_text()) if path.is_file() else {"evaluations": []}
+    existing.setdefault("evaluations", []).append(res)
+    atomic_write_json(path, existing)
+    return res
+
+
+def _is_cross_domain(name: str, root: str, trained_name: str | None, trained_root: str | None) -> bool:
+    """Evaluated on another dataset than the one trained on (another parser or another folder)."""
+    if trained_name is not None and name != trained_name:
+        return True
+    if trained_root is None:
+        return False
+    return Path(root).resolve() != Path(trained_root).resolve()
+
+
+def _print_results(res: dict, title: str) -> None:
+    from advreid.reporting import METRIC_COLUMNS, format_table
+
+    rows = [{"setting": "plain", **res}]
+    if "rr_rank1" in res:
+        rows.append({"setting": "re-ranked", **{k[3:]: v for k, v in res.items() if k.startswith("rr_")}})
+    print(title)
+    print(format_table(rows, [("setting", "")] + METRIC_COLUMNS))
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    res = run_eval(Path(a.run_dir), a.data, a.dataset, rerank=a.rerank, flip=a.flip, metric=a.metric, ap=a.ap,
+                   checkpoint=a.checkpoint, device=a.device, num_workers=a.num_workers)
+    p = res["protocol"]
+    _print_results(res, f"{res['dataset']} ({p['num_query']} query / {p['num_gallery']} gallery), "
+                        f"metric {p['metric']}, flip {p['flip']}, AP {p['ap']}, trained on {res['trained_on']}")
+    print(f"saved to {Path(a.run_dir) / 'results.json'}")
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from advreid.data import generate_synthetic
+    from advreid.engine import train
+    from advreid.utils.io import prepare_run_dir
+
+    out = prepare_run_dir(a.out, overwrite=a.overwrite)
+    t0 = time.perf_counter()
+    print(f"[1/3] generating the synthetic Market-1501-format dataset in {out / 'data'}")
+    data = generate_synthetic(out / "data", seed=a.seed, progress=True)
+    print(f"[2/3] training a small ReID model on {'cpu' if a.device in (None, 'cpu') else a.device}")
+    ov = [f"data.root={data}", f"seed={a.seed}"]
+    if a.device:
+        ov.append(f"device={a.device}")
+    if a.quick:
+        ov.append("train.epochs=4")
+    res = train("demo_cpu", out / "run", overrides=ov)
+    print("[3/3] evaluating (Market-1501 protocol, with k-reciprocal re-ranking)")
+    r = run_eval(res.run_dir, str(data), "market1501", rerank=True, flip=None, metric=None, ap=None,
+                 checkpoint=None, device=a.device)
+    _print_results(r, f"synthetic test set: {r['protocol']['num_query']} queries, "
+                      f"{r['protocol']['num_gallery']} gallery images")
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s; run directory: {res.run_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from advreid import __version__
+
+    p = argparse.ArgumentParser(prog="advreid", description="Adversarial robustness toolkit for person ReID.")
+    p.add_argument("--version", action="version", version=f"advreid {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("synth", help="write a synthetic Market-1501-format dataset")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--ids", type=int, default=100, help="training identities (default 100)")
+    s.add_argument("--test-ids", type=int, default=None, help="test identities (default: same as --ids)")
+    s.add_argument("--cams", type=int, default=6, help="cameras, 2..9 (default 6)")
+    s.add_argument("--height", type=int, default=128)
+    s.add_argument("--width", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true", help="replace an existing synthetic dataset folder")
+    s.set_defaults(func=_cmd_synth)
+
+    d = sub.add_parser("data", help="dataset utilities")
+    dsub = d.add_subparsers(dest="data_cmd", required=True)
+    di = dsub.add_parser("info", help="identities, images and cameras per split")
+    di.add_argument("root")
+    di.add_argument("--dataset", default="market1501", help="parser name (market1501, dukemtmcreid, msmt17, "
+                    "cuhk03, folder, or a registered custom one)")
+    di.add_argument("--train-all", action="store_true")
+    di.add_argument("--labeled", action="store_true", help="CUHK03: labeled boxes instead of detected")
+    di.set_defaults(func=_cmd_data_info)
+
+    t = sub.add_parser("train", help="train a ReID model", description="Train a ReID model. Extra KEY=VALUE "
+                       "arguments override the config, e.g. optim.lr=0.01 train.epochs=60.")
+    t.add_argument("-c", "--config", default="bot_r50", help="YAML file or preset name (default bot_r50)")
+    t.add_argument("--data", default=None, help="dataset root (same as data.root=...)")
+    t.add_argument("--dataset", default=None, help="dataset parser name (same as data.name=...)")
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    t.add_argument("--overwrite", action="store_true", help="start over; the old run dir is kept as .old-N")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a trained run on a dataset (also cross-domain)")
+    e.add_argument("run_dir")
+    e.add_argument("--data", required=True, help="dataset root")
+    e.add_argument("--dataset", default=None, help="parser name (default: the one the run was trained on)")
+    e.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking (k1=20,k2=6,l=0.3)")
+    e.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="flip-averaged features")
+    e.add_argument("--metric", choices=["cosine", "euclidean", "sqeuclidean"], default=None)
+    e.add_argument("--ap", choices=["standard", "official"], default=None,
+                   help="standard (torchreid) or official (trapezoid, Market MATLAB/layumi) AP")
+    e.add_argument("--checkpoint", default=None, help="checkpoint stem or file (default: the run's final/latest)")
+    e.add_argument("--device", default=None)
+    e.add_argument("--num-workers", type=int, default=None)
+    e.set_defaults(func=_cmd_eval)
+
+    m = sub.add_parser("demo", help="synthetic data -> train a small model on CPU -> evaluate, in one go")
+    m.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
+    m.add_argument("--quick", action="store_true", help="fewer epochs (a smoke run)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--device", default=None)
+    m.add_argument("--overwrite", action="store_true")
+    m.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("advreid: interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as e:
+        if args.debug:
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"advreid: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

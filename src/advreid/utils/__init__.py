@@ -1,0 +1,20 @@
+"""Small shared utilities: atomic file writes, run directories, seeding, devices."""
+
+from advreid.utils.io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    append_jsonl,
+    prepare_run_dir,
+)
+from advreid.utils.misc import get_device, seed_everything
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "append_jsonl",
+    "prepare_run_dir",
+    "seed_everything",
+    "get_device",
+]

@@ -1,0 +1,26 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """A tiny synthetic Market-format dataset shared by the end-to-end tests."""
+    from advreid.data import generate_synthetic
+
+    root = tmp_path_factory.mktemp("synth") / "market"
+    return generate_synthetic(root, num_train_ids=12, num_test_ids=8, num_cams=3, height=64, width=32,
+                              num_distractors=4, num_junk=3, seed=0)
+
+
+def tiny_overrides(root, epochs: int = 2) -> list[str]:
+    """Config overrides for a seconds-long CPU training run on the tiny synthetic set."""
+    return [
+        f"data.root={root}", "data.height=64", "data.width=32", "data.num_workers=0",
+        "model.name=cnn4", "model.pretrained=false", "sampler.p=4", "sampler.k=2",
+        f"train.epochs={epochs}", "train.progress=false", "sched.warmup_epochs=1", "sched.milestones=[1]",
+        "optim.lr=0.001", "device=cpu", "eval.batch_size=32",
+    ]
