@@ -1,9 +1,9 @@
 import json
 
 import pytest
+from tests.conftest import tiny_overrides
 
 from advreid.cli import main
-from tests.conftest import tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +54,20 @@ def test_synth_refuses_to_overwrite(tmp_path, capsys):
     (target / "notes.txt").write_text("precious")
     assert main(["synth", "--out", str(target), "--ids", "4", "--cams", "2"]) == 2
     assert (target / "notes.txt").read_text() == "precious"
+
+
+def test_truncated_training_image_named_or_skipped(synth_root, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(synth_root, root)
+    victim = sorted((root / "bounding_box_train").glob("*.jpg"))[3]
+    victim.write_bytes(victim.read_bytes()[:200])
+    ov = tiny_overrides(root, epochs=1)
+    assert main(["train", "--out", str(tmp_path / "r1"), *ov]) == 2
+    assert victim.name in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "r2"), "--skip-bad-images", *ov]) == 0
+    assert "skipped 1 unreadable training image" in capsys.readouterr().out
+    assert main(["data", "info", str(root), "--check-images"]) == 1
+    out = capsys.readouterr().out
+    assert victim.name in out and "1 unreadable" in out

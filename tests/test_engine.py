@@ -6,10 +6,10 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from tests.conftest import tiny_overrides
 
 from advreid.engine import find_checkpoint, train
 from advreid.models import load_checkpoint
-from tests.conftest import tiny_overrides
 
 
 def _weights(stem):

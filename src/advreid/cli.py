@@ -34,7 +34,17 @@ def _cmd_data_info(a: argparse.Namespace) -> int:
     opts = {"train_all": a.train_all}
     if a.dataset == "cuhk03":
         opts["labeled"] = a.labeled
-    print(format_dataset_info(build_dataset(a.dataset, a.root, **opts)))
+    ds = build_dataset(a.dataset, a.root, **opts)
+    print(format_dataset_info(ds))
+    if a.check_images:
+        from advreid.data import check_images
+
+        records = [*ds.train, *ds.query, *ds.gallery]
+        _, bad = check_images(records, skip_bad=True)
+        for path, reason in bad[:20]:
+            print(f"  unreadable: {path}: {reason}")
+        print(f"checked {len(records)} images: {len(bad)} unreadable")
+        return 1 if bad else 0
     return 0
 
 
@@ -46,6 +56,8 @@ def _train_overrides(a: argparse.Namespace) -> list[str]:
         ov.append(f"data.name={a.dataset}")
     if a.device is not None:
         ov.append(f"device={a.device}")
+    if a.skip_bad_images:
+        ov.append("data.skip_bad_images=true")
     return ov
 
 
@@ -181,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "cuhk03, folder, or a registered custom one)")
     di.add_argument("--train-all", action="store_true")
     di.add_argument("--labeled", action="store_true", help="CUHK03: labeled boxes instead of detected")
+    di.add_argument("--check-images", action="store_true", help="decode every image and report unreadable ones")
     di.set_defaults(func=_cmd_data_info)
 
     t = sub.add_parser("train", help="train a ReID model", description="Train a ReID model. Extra KEY=VALUE "
@@ -192,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
     t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     t.add_argument("--overwrite", action="store_true", help="start over; the old run dir is kept as .old-N")
+    t.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable training images (with a count) instead of stopping at the first")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     t.set_defaults(func=_cmd_train)
 

@@ -51,7 +51,7 @@ class SynthConfig:
     num_train_ids: int = 100
     num_test_ids: int = 100
     num_cams: int = 6
-    images_per_id_per_cam: tuple[int, int] = (1, 4)
+    images_per_id_per_cam: tuple[int, int] = (2, 5)
     height: int = 128
     width: int = 64
     num_distractors: int = 50
@@ -105,8 +105,16 @@ _CLOTH_COLOURS: list[tuple[int, int, int]] = [
     _hsv(h / 16.0, s, v) for h in range(16) for s, v in ((0.45, 0.92), (0.75, 0.78), (0.75, 0.45))
 ]
 _NEUTRALS: list[tuple[int, int, int]] = [
-    (22, 22, 26), (60, 60, 64), (120, 120, 124), (185, 185, 185), (235, 235, 230),
-    (30, 38, 70), (200, 185, 150), (100, 70, 45), (60, 80, 120), (90, 110, 150),
+    (22, 22, 26),
+    (60, 60, 64),
+    (120, 120, 124),
+    (185, 185, 185),
+    (235, 235, 230),
+    (30, 38, 70),
+    (200, 185, 150),
+    (100, 70, 45),
+    (60, 80, 120),
+    (90, 110, 150),
 ]
 _SKIN = [(236, 200, 170), (224, 172, 130), (190, 140, 100), (150, 100, 70), (105, 70, 50)]
 _HAIR = [(20, 18, 18), (60, 40, 25), (110, 75, 40), (190, 160, 100), (140, 140, 140), (120, 40, 25)]
@@ -173,11 +181,24 @@ def _sample_identity(rng: np.random.Generator) -> _Identity:
     bag_colour = _cloth_colour(rng, 0.6)
     bag_side = 1 if rng.random() < 0.5 else -1
     return _Identity(
-        upper=upper, upper2=upper2, pattern=pattern, period=period, sleeves=sleeves, lower=lower,
-        lower_kind=lower_kind, skin=skin, hair=hair, long_hair=long_hair, shoes=shoes, bag=bag,
-        bag_colour=bag_colour, bag_side=bag_side,
-        fig_frac=float(rng.uniform(0.82, 0.94)), shoulder=float(rng.uniform(0.2, 0.3)),
-        leg=float(rng.uniform(0.43, 0.52)), head=float(rng.uniform(0.1, 0.14)),
+        upper=upper,
+        upper2=upper2,
+        pattern=pattern,
+        period=period,
+        sleeves=sleeves,
+        lower=lower,
+        lower_kind=lower_kind,
+        skin=skin,
+        hair=hair,
+        long_hair=long_hair,
+        shoes=shoes,
+        bag=bag,
+        bag_colour=bag_colour,
+        bag_side=bag_side,
+        fig_frac=float(rng.uniform(0.82, 0.94)),
+        shoulder=float(rng.uniform(0.2, 0.3)),
+        leg=float(rng.uniform(0.43, 0.52)),
+        head=float(rng.uniform(0.1, 0.14)),
     )
 
 
@@ -204,10 +225,10 @@ class _Camera:
 def _make_camera(seed: int, cam: int, height: int, width: int) -> _Camera:
     """Camera ``cam``'s photometric model and scene, a function of ``(seed, cam)`` and the image size only."""
     rng = np.random.default_rng([seed, _NS_CAMERA, cam])
-    gains = np.clip(1.0 + rng.normal(0.0, 0.09, 3), 0.8, 1.2)
+    gains = np.clip(1.0 + rng.normal(0.0, 0.06, 3), 0.85, 1.15)
     cam_params = dict(
         gains=gains,
-        gamma=float(rng.uniform(0.8, 1.25)),
+        gamma=float(rng.uniform(0.85, 1.2)),
         saturation=float(rng.uniform(0.7, 1.15)),
         contrast=float(rng.uniform(0.72, 1.15)),
         brightness=float(rng.uniform(-0.1, 0.08)),
@@ -244,8 +265,13 @@ def _make_camera(seed: int, cam: int, height: int, width: int) -> _Camera:
 # --------------------------------------------------------------------------------------------- rendering
 
 
-def _limb(draw: ImageDraw.ImageDraw, p0: tuple[float, float], p1: tuple[float, float], w: float,
-          colour: tuple[int, ...]) -> None:
+def _limb(
+    draw: ImageDraw.ImageDraw,
+    p0: tuple[float, float],
+    p1: tuple[float, float],
+    w: float,
+    colour: tuple[int, ...],
+) -> None:
     r = w / 2.0
     draw.line([p0, p1], fill=colour, width=max(1, int(round(w))))
     for x, y in (p0, p1):
@@ -281,8 +307,18 @@ def _pattern_patch(ident: _Identity, hgt: int, wid: int, fig_h: float, view: str
     return base
 
 
-def _render_person(ident: _Identity, hs: int, ws: int, rng: np.random.Generator, *, view: str,
-                   scale: float, dx: float, dy: float, flip: bool) -> Image.Image:
+def _render_person(
+    ident: _Identity,
+    hs: int,
+    ws: int,
+    rng: np.random.Generator,
+    *,
+    view: str,
+    scale: float,
+    dx: float,
+    dy: float,
+    flip: bool,
+) -> Image.Image:
     """Draw one pedestrian on a transparent supersampled ``ws x hs`` RGBA layer."""
     layer = Image.new("RGBA", (ws, hs), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
@@ -318,13 +354,22 @@ def _render_person(ident: _Identity, hs: int, ws: int, rng: np.random.Generator,
                 _limb(draw, hip, _along(hip, foot, 0.42), leg_w, lower)
         sw = leg_w * 1.15
         toe = 1.0 if (side and not flip) else 0.0
-        draw.ellipse([foot[0] - sw / 2, foot[1] - sw * 0.35, foot[0] + sw / 2 + toe * sw * 0.4,
-                      foot[1] + sw * 0.3], fill=shoes)
+        draw.ellipse(
+            [foot[0] - sw / 2, foot[1] - sw * 0.35, foot[0] + sw / 2 + toe * sw * 0.4, foot[1] + sw * 0.3],
+            fill=shoes,
+        )
     if ident.lower_kind == "skirt":
         hw = sh_w * (0.7 if side else 0.5)
         y_end = y_hip + 0.5 * leg_len
-        draw.polygon([(cx - hw * 0.85, y_hip - 0.02 * h), (cx + hw * 0.85, y_hip - 0.02 * h),
-                      (cx + hw * 1.25, y_end), (cx - hw * 1.25, y_end)], fill=lower)
+        draw.polygon(
+            [
+                (cx - hw * 0.85, y_hip - 0.02 * h),
+                (cx + hw * 0.85, y_hip - 0.02 * h),
+                (cx + hw * 1.25, y_end),
+                (cx - hw * 1.25, y_end),
+            ],
+            fill=lower,
+        )
 
     # long hair falls behind the shoulders (visible around the torso)
     if ident.long_hair:
@@ -348,8 +393,8 @@ def _render_person(ident: _Identity, hs: int, ws: int, rng: np.random.Generator,
             _limb(draw, shoulder, _along(shoulder, hand, 0.35), arm_w * 1.05, upper)
         if ident.bag == "handbag" and (k == 1) == (ident.bag_side > 0):
             bw = 0.13 * h
-            draw.rounded_rectangle([hand[0] - bw / 2, hand[1] - bw * 0.2, hand[0] + bw / 2, hand[1] + bw * 0.8],
-                                   radius=bw * 0.15, fill=bagc)
+            box = [hand[0] - bw / 2, hand[1] - bw * 0.2, hand[0] + bw / 2, hand[1] + bw * 0.8]
+            draw.rounded_rectangle(box, radius=bw * 0.15, fill=bagc)
 
     if side:  # far arm behind the body
         arm(0, sh_pts[0])
@@ -368,8 +413,14 @@ def _render_person(ident: _Identity, hs: int, ws: int, rng: np.random.Generator,
         mask = Image.new("L", (x1c - x0c, y1c - y0c), 0)
         md = ImageDraw.Draw(mask)
         r = sh_w * 0.18
-        poly = [(cx - sh_w / 2, y_sh + r), (cx - sh_w / 2 + r, y_sh), (cx + sh_w / 2 - r, y_sh),
-                (cx + sh_w / 2, y_sh + r), (cx + hip_w / 2, y_hip), (cx - hip_w / 2, y_hip)]
+        poly = [
+            (cx - sh_w / 2, y_sh + r),
+            (cx - sh_w / 2 + r, y_sh),
+            (cx + sh_w / 2 - r, y_sh),
+            (cx + sh_w / 2, y_sh + r),
+            (cx + hip_w / 2, y_hip),
+            (cx - hip_w / 2, y_hip),
+        ]
         md.polygon([(px - x0c, py - y0c) for px, py in poly], fill=255)
         patch = _pattern_patch(ident, y1c - y0c, x1c - x0c, h, view)
         if flip:  # keep the texture phase fixed on the body when the layer gets mirrored
@@ -379,17 +430,24 @@ def _render_person(ident: _Identity, hs: int, ws: int, rng: np.random.Generator,
 
     if ident.bag == "backpack" and view == "back":
         bw, bh = sh_w * 0.7, (y_hip - y_sh) * 0.72
-        draw.rounded_rectangle([cx - bw / 2, y_sh + 0.04 * h, cx + bw / 2, y_sh + 0.04 * h + bh],
-                               radius=bw * 0.15, fill=bagc)
+        draw.rounded_rectangle(
+            [cx - bw / 2, y_sh + 0.04 * h, cx + bw / 2, y_sh + 0.04 * h + bh], radius=bw * 0.15, fill=bagc
+        )
     elif ident.bag == "backpack" and view == "front":
         for sgn in (-1, 1):
             xs = cx + sgn * sh_w * 0.3
-            draw.line([(xs, y_sh), (xs + sgn * sh_w * 0.02, y_sh + (y_hip - y_sh) * 0.6)], fill=bagc,
-                      width=max(1, int(0.025 * h)))
+            draw.line(
+                [(xs, y_sh), (xs + sgn * sh_w * 0.02, y_sh + (y_hip - y_sh) * 0.6)],
+                fill=bagc,
+                width=max(1, int(0.025 * h)),
+            )
     if ident.bag == "handbag" and not side:  # strap across the chest
         sgn = ident.bag_side
-        draw.line([(cx - sgn * sh_w * 0.4, y_sh), (cx + sgn * sh_w * 0.45, y_hip - 0.05 * h)], fill=bagc,
-                  width=max(1, int(0.02 * h)))
+        draw.line(
+            [(cx - sgn * sh_w * 0.4, y_sh), (cx + sgn * sh_w * 0.45, y_hip - 0.05 * h)],
+            fill=bagc,
+            width=max(1, int(0.02 * h)),
+        )
     if side:
         arm(1, sh_pts[1])
     else:
@@ -441,7 +499,7 @@ def _occlude(img: Image.Image, rng: np.random.Generator, cam: _Camera) -> None:
 
 
 def _camera_pipeline(img: Image.Image, cam: _Camera, rng: np.random.Generator) -> Image.Image:
-    """Apply the camera's colour cast, tone curve, blur and sensor noise plus per-image illumination jitter."""
+    """Apply the camera's colour cast, tone curve, blur and sensor noise, plus per-image lighting jitter."""
     x = np.asarray(img, np.float32) / 255.0
     x = np.power(x, cam.gamma) * cam.gains.astype(np.float32)
     gray = x.mean(axis=2, keepdims=True)
@@ -461,8 +519,15 @@ def _background(cam: _Camera, hs: int, ws: int, rng: np.random.Generator) -> Ima
     return cam.scene.crop((x, y, x + ws, y + hs)).convert("RGBA")
 
 
-def _render_image(ident: _Identity | None, cam: _Camera, rng: np.random.Generator, height: int, width: int,
-                  *, mode: str = "person") -> Image.Image:
+def _render_image(
+    ident: _Identity | None,
+    cam: _Camera,
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    *,
+    mode: str = "person",
+) -> Image.Image:
     """One native-resolution RGB detection box: ``mode`` is person, fragment (bad detection) or background."""
     hs, ws = height * _SS, width * _SS
     canvas = _background(cam, hs, ws, rng)
@@ -477,11 +542,12 @@ def _render_image(ident: _Identity | None, cam: _Camera, rng: np.random.Generato
         else:
             scale, dx, dy = rng.uniform(0.35, 0.6), rng.uniform(-0.3, 0.3), rng.uniform(-0.2, 0.3)
     if mode != "background" and ident is not None:
-        layer = _render_person(ident, hs, ws, rng, view=view, scale=float(scale), dx=float(dx), dy=float(dy),
-                               flip=flip)
+        layer = _render_person(
+            ident, hs, ws, rng, view=view, scale=float(scale), dx=float(dx), dy=float(dy), flip=flip
+        )
         canvas.alpha_composite(layer)
     img = canvas.convert("RGB").reduce(_SS)
-    if mode == "person" and rng.random() < 0.25:
+    if mode == "person" and rng.random() < 0.2:
         _occlude(img, rng, cam)
     return _camera_pipeline(img, cam, rng)
 
@@ -504,8 +570,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
             )
         if not (out / META_NAME).is_file():
             raise FileExistsError(
-                f"refusing to overwrite {out}: it has no {META_NAME}, so it is not a synthetic dataset made by "
-                "advreid; delete it yourself or choose another folder"
+                f"refusing to overwrite {out}: it has no {META_NAME}, so it is not a synthetic dataset "
+                "made by advreid; delete it yourself or choose another folder"
             )
 
 
@@ -540,7 +606,7 @@ def generate_synthetic(
     num_train_ids: int = 100,
     num_test_ids: int = 100,
     num_cams: int = 6,
-    images_per_id_per_cam: tuple[int, int] = (1, 4),
+    images_per_id_per_cam: tuple[int, int] = (2, 5),
     height: int = 128,
     width: int = 64,
     num_distractors: int = 50,
@@ -559,10 +625,17 @@ def generate_synthetic(
     ``overwrite`` only ever replaces a folder holding a ``synth_meta.json``.
     """
     cfg = SynthConfig(
-        num_train_ids=num_train_ids, num_test_ids=num_test_ids, num_cams=num_cams,
-        images_per_id_per_cam=tuple(images_per_id_per_cam) if isinstance(images_per_id_per_cam, list)
+        num_train_ids=num_train_ids,
+        num_test_ids=num_test_ids,
+        num_cams=num_cams,
+        images_per_id_per_cam=tuple(images_per_id_per_cam)
+        if isinstance(images_per_id_per_cam, list)
         else images_per_id_per_cam,
-        height=height, width=width, num_distractors=num_distractors, num_junk=num_junk, seed=seed,
+        height=height,
+        width=width,
+        num_distractors=num_distractors,
+        num_junk=num_junk,
+        seed=seed,
         jpeg_quality=jpeg_quality,
     )
     cfg.validate()
@@ -647,9 +720,12 @@ def generate_synthetic(
                 "junk": cfg.num_junk,
                 "cams": cfg.num_cams,
             },
-            "pids": {"train": f"odd 1..{train_pid(cfg.num_train_ids - 1)}",
-                     "test": f"even 2..{test_pid(cfg.num_test_ids - 1)}",
-                     "distractor": 0, "junk": -1},
+            "pids": {
+                "train": f"odd 1..{train_pid(cfg.num_train_ids - 1)}",
+                "test": f"even 2..{test_pid(cfg.num_test_ids - 1)}",
+                "distractor": 0,
+                "junk": -1,
+            },
         }
         atomic_write_json(tmp / META_NAME, meta)
         # swap into place: an old synthetic folder is moved aside first and deleted only after the rename
@@ -661,7 +737,13 @@ def generate_synthetic(
                 _check_out(out, overwrite)  # re-check right before replacing anything
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
                 os.replace(out, old / "data")
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:  # put the previous dataset back
+                os.replace(old / "data", out)
+                old.rmdir()
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

@@ -32,7 +32,7 @@ def extract_features(
     progress: bool = False,
     desc: str = "features",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features, pids and camids of a dataset yielding ``(img, pid, camid, ...)``; model in eval mode, restored after."""
+    """Features, pids, camids of a dataset yielding ``(img, pid, camid, ...)``; eval mode, restored afterwards."""
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)

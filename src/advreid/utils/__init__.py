@@ -1,10 +1,10 @@
 """Small shared utilities: atomic file writes, run directories, seeding, devices."""
 
 from advreid.utils.io import (
+    append_jsonl,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    append_jsonl,
     prepare_run_dir,
 )
 from advreid.utils.misc import get_device, seed_everything
