@@ -108,6 +108,12 @@ def test_ties_are_pessimistic():
     r2 = evaluate_rank(d2, np.array([1]), gp, np.array([0]), gc, max_rank=4)
     # order: junk(0.0) removed, neg 2 (0.1), neg 1 (0.5) before the tied match 0 (0.5), match 3 (0.9)
     assert r2.mAP == pytest.approx((1 / 3 + 2 / 4) / 2)
+    # infinite distances rank last, a match at +inf after a negative at +inf
+    d3 = np.array([[np.inf, 0.2, np.inf, 0.1, 0.0]], dtype=np.float32)
+    r3 = evaluate_rank(d3, np.array([1]), gp, np.array([0]), gc, max_rank=4)
+    # order: match 3 (0.1), neg 1 (0.2), neg 2 (inf), match 0 (inf)
+    assert r3.mAP == pytest.approx((1 / 1 + 2 / 4) / 2)
+    assert r3.mAP == evaluate_rank(d3, np.array([1]), gp, np.array([0]), gc, max_rank=4, backend="torch").mAP
 
 
 @pytest.mark.parametrize("seed,q,g,ids,cams,junk", [
@@ -161,7 +167,6 @@ def test_chunk_workers_and_input_types_agree():
 def test_torch_backend_matches_numpy():
     for seed, ties in [(10, False), (11, True)]:
         d, qp, gp, qc, gc = random_case(seed, 60, 300, 25, 4, with_junk_ids=True, ties=ties)
-        cpu = evaluate_rank(d, qp, gp, qc, gc, return_per_query=True)
         for ap in ("standard", "official"):
             cpu = evaluate_rank(d, qp, gp, qc, gc, ap=ap, return_per_query=True)
             tor = evaluate_rank(torch.from_numpy(d), qp, gp, qc, gc, ap=ap, return_per_query=True,

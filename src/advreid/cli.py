@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--ids", type=int, default=100, help="training identities (default 100)")
     s.add_argument("--test-ids", type=int, default=None, help="test identities (default: same as --ids)")
-    s.add_argument("--cams", type=int, default=6, help="cameras, 2..9 (default 6)")
+    s.add_argument("--cams", type=int, default=6, help="cameras, 2..6 as in Market-1501 (default 6)")
     s.add_argument("--height", type=int, default=128)
     s.add_argument("--width", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)

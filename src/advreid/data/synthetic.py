@@ -72,7 +72,7 @@ class SynthConfig:
 
         _int("num_train_ids", 1, _MAX_IDS)
         _int("num_test_ids", 1, _MAX_IDS)
-        _int("num_cams", 2, 9)  # Market names hold one camera digit; cross-camera matching needs >= 2
+        _int("num_cams", 2, 6)  # Market-1501 has cameras 1..6 (its parser enforces it); matching needs >= 2
         _int("height", 32)
         _int("width", 16)
         _int("num_distractors", 0)
@@ -651,7 +651,7 @@ def generate_synthetic(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc=f"synth -> {out}", unit="img")
+        bar = tqdm(total=total, desc=f"synth -> {out}", unit="img", disable=None)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -45,7 +45,7 @@ def extract_features(
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)
+        it = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
     try:
         for batch in it:
             imgs, pid, cam = batch[0], batch[1], batch[2]

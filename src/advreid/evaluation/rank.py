@@ -107,7 +107,7 @@ def _match_tables(q_pids, q_camids, g_pids, g_camids):
 def _ranks_cpu_block(d, P, Pv, J, Jv, buf, cnt8, sum_dtype, out):
     """0-based ranks after junk removal of the true matches of the rows of ``d``, written into ``out``.
 
-    ``d`` is ``(b, gp)``, the columns past the gallery padded with +inf; ``buf``, ``cnt8``: flat scratch.
+    ``d`` is ``(b, gp)``, the columns past the gallery padded with NaN; ``buf``, ``cnt8``: flat scratch.
     """
     b, gp = d.shape
     pb = int(Pv.sum(1).max())
@@ -145,7 +145,7 @@ def _ranks_cpu(dist, keep_cols, tables, block, workers, ranks):
     def run(lo, hi):
         buf = np.empty(block * pmax * gp, dtype=bool)
         cnt8 = np.empty(block * pmax * gp // 8, dtype=np.uint8)
-        dbuf = np.full((block, gp), np.inf, dtype=dist.dtype)
+        dbuf = np.full((block, gp), np.nan, dtype=dist.dtype)  # NaN padding never compares true
         for r0 in range(lo, hi, block):
             r1 = min(hi, r0 + block)
             d = dbuf[: r1 - r0]
