@@ -139,3 +139,31 @@ def test_bad_input_errors():
     badf[1, 2] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         re_ranking_features(badf, gf)
+
+
+def test_compute_distance_matrix_against_plain_formulas():
+    rng = np.random.default_rng(7)
+    a, b = rng.standard_normal((23, 9)), rng.standard_normal((31, 9))
+    sq = ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)
+    an = a / np.linalg.norm(a, axis=1, keepdims=True)
+    bn = b / np.linalg.norm(b, axis=1, keepdims=True)
+    expected = {"sqeuclidean": sq, "euclidean": np.sqrt(sq), "cosine": 1 - an @ bn.T}
+    for metric, ref in expected.items():
+        d64 = compute_distance_matrix(a, b, metric, dtype=torch.float64)
+        assert d64.dtype == torch.float64 and d64.shape == (23, 31)
+        np.testing.assert_allclose(d64.numpy(), ref, atol=1e-10)
+        d32 = compute_distance_matrix(torch.from_numpy(a).float(), torch.from_numpy(b).float(), metric)
+        assert d32.dtype == torch.float32
+        np.testing.assert_allclose(d32.numpy(), ref, atol=2e-5)
+        for cs in (1, 5, 100):  # BLAS may round differently per block shape: equal to float64 precision
+            chunked = compute_distance_matrix(a, b, metric, chunk_size=cs, dtype=torch.float64).numpy()
+            np.testing.assert_allclose(chunked, d64.numpy(), rtol=0, atol=1e-12)
+    # identical rows: the squared distance is clamped at exactly 0, never negative
+    same = compute_distance_matrix(a, a, "sqeuclidean").numpy()
+    assert same.min() >= 0 and np.abs(np.diag(same)).max() < 1e-4
+    with pytest.raises(ValueError, match="unknown metric 'l1'"):
+        compute_distance_matrix(a, b, "l1")
+    with pytest.raises(ValueError, match="feature dims differ: a has 9, b has 4"):
+        compute_distance_matrix(a, b[:, :4])
+    with pytest.raises(ValueError, match="must be 2-D"):
+        compute_distance_matrix(a[0], b)

@@ -259,7 +259,8 @@ def train(
         if rank == 0 and cfg["train"]["progress"]:
             from tqdm import tqdm
 
-            bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True, disable=None)
+            bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True,
+                       disable=None)
         for step in range(n_batches):
             imgs, labels, _camids, _idx = next(it)
             imgs = imgs.to(device, non_blocking=True)

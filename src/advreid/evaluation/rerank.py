@@ -11,10 +11,11 @@ expansion are computed for all rows at once on these neighbour tables; the weigh
 expansion over ``k2`` neighbours and the Jaccard distance (``sum_c min(V_qe[i, c], V_qe[j, c])`` through an
 inverted index over columns) are sparse, and the Jaccard is only formed for the Q x G block that is returned.
 
-``re_ranking_features`` starts from features and never builds a dense N x N (nor Q x Q, G x G) matrix: it
-equals ``re_ranking(d(q, g), d(q, q), d(g, g))`` with ``d = compute_distance_matrix(., ., metric)``, up to
-float rounding. Its default ``metric="sqeuclidean"`` is what torchreid's engine passes (its "euclidean" is the
-squared distance, which ``re_ranking`` squares again); the function assumes a symmetric distance.
+``re_ranking_features`` starts from features and builds no dense N x N (nor Q x Q, G x G) matrix; each
+distance is computed once (row blocks against the columns at or after the block, the transposed part merged
+into the later rows' running top-k lists). It equals ``re_ranking(d(q, g), d(q, q), d(g, g))`` with
+``d = compute_distance_matrix(., ., metric)`` up to float rounding. Its default ``metric="sqeuclidean"`` is
+what torchreid's engine passes (its "euclidean" is the squared distance, which ``re_ranking`` squares again).
 
 Ties: neighbour lists come from ``torch.topk``, the reference uses ``np.argsort``; neither orders tied
 distances in a specified way, so results can differ only where two distances tie exactly at the border of a
@@ -363,8 +364,9 @@ def re_ranking_features(
     Equals ``re_ranking(d(q, g), d(q, q), d(g, g), k1, k2, lambda_value)`` with
     ``d = compute_distance_matrix(., ., metric)`` up to float rounding. ``metric="sqeuclidean"`` (default)
     matches torchreid's engine, which passes squared Euclidean distances. Distances and top-k run on
-    ``device`` (default: the features' device) in blocks of ``chunk_size`` rows; the sparse steps on the CPU.
-    Peak memory is about the Q x G output plus the features plus O(chunk_size x N).
+    ``device`` (default: the features' device) in blocks of ``chunk_size`` rows (default: 64 MiB blocks);
+    the sparse steps on the CPU. Peak memory: the Q x G float32 output, two copies of the features and
+    O(chunk_size x N) (MSMT17, 11,659 x 82,161 with 2048-d features: about 6 GB).
     """
     _check_params(k1, k2, lambda_value)
     _check_chunk(chunk_size)
