@@ -155,7 +155,7 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     if a.device:
         ov.append(f"device={a.device}")
     if a.quick:
-        ov.append("train.epochs=4")
+        ov += ["train.epochs=10", "sched.milestones=[8]"]
     res = train("demo_cpu", out / "run", overrides=ov)
     print("[3/3] evaluating (Market-1501 protocol, with k-reciprocal re-ranking)")
     r = run_eval(res.run_dir, str(data), "market1501", rerank=True, flip=None, metric=None, ap=None,
