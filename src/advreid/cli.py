@@ -146,7 +146,11 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     from advreid.engine import train
     from advreid.utils.io import prepare_run_dir
 
-    out = prepare_run_dir(a.out, overwrite=a.overwrite)
+    try:
+        out = prepare_run_dir(a.out, overwrite=a.overwrite)
+    except FileExistsError:
+        raise FileExistsError(f"demo folder {a.out} already exists; pass --overwrite (the old one is kept as "
+                              f"{a.out}.old-N) or choose another --out") from None
     t0 = time.perf_counter()
     print(f"[1/3] generating the synthetic Market-1501-format dataset in {out / 'data'}")
     data = generate_synthetic(out / "data", seed=a.seed, progress=True)
