@@ -44,6 +44,7 @@ def test_resume_continues_exactly(synth_root, tmp_path):
     train("bot_r50", tmp_path / "a", overrides=ov)
     train("bot_r50", tmp_path / "b", overrides=ov[:-1] + ["train.epochs=1"])
     train(None, tmp_path / "b", resume=True, overrides=["train.epochs=2"])
+    assert "epochs: 2" in (tmp_path / "b/config.yaml").read_text()  # the resumed run records its override
     wa, wb = _weights(tmp_path / "a/checkpoints/final"), _weights(tmp_path / "b/checkpoints/final")
     assert wa.keys() == wb.keys()
     for k in wa:

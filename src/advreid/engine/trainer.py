@@ -130,6 +130,7 @@ def train(
 
     if cfg["data"]["root"] is None:
         raise ValueError("data.root is not set: pass data.root=PATH (a dataset folder) or --data PATH")
+    cfg["data"]["root"] = str(Path(cfg["data"]["root"]).resolve())  # so a resume from elsewhere finds it
 
     distributed = world > 1
     if distributed and not dist.is_initialized():
@@ -143,7 +144,7 @@ def train(
 
     if rank == 0:
         prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-        if not resume:
+        if not resume or overrides:
             atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     if distributed:
         dist.barrier()
