@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -70,7 +71,11 @@ def test_missing_data_root_is_an_error(tmp_path):
 def test_ddp_two_cpu_processes_gloo(synth_root, tmp_path):
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}",
            "-m", "advreid", "train", "--config", "bot_r50", "--out", str(run),
            *tiny_overrides(synth_root, epochs=1)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
