@@ -1,0 +1,48 @@
+"""Adversarial attacks on ReID models: metric FGSM family, SMA, FNA, ODFA, LTA, feature PGD and a noise baseline.
+
+Images are float (B,3,H,W) tensors in [0,1]; ``eps``/``alpha`` are in [0,1] units (``px(5)`` = 5/255). Build by name
+with ``build("lta", model, eps="5px")``; ``list_attacks()`` names them all.
+"""
+
+from advreid.attacks.base import (
+    ATTACKS,
+    DISTANCES,
+    Attack,
+    AttackFactory,
+    AttackInputs,
+    build,
+    list_attacks,
+    parse_eps,
+    per_sample_rand,
+    px,
+    register_attack,
+    resolve_steps,
+    sample_generators,
+)
+from advreid.attacks.fna import FNA
+from advreid.attacks.guides import GuideBank, Guides
+from advreid.attacks.lgt import (
+    lgt,
+    linear_luma,
+    local_grayscale,
+    luma,
+    pil_luma,
+    rect_masks,
+    rects_from_uniform,
+    sample_lgt_rects,
+)
+from advreid.attacks.lta import LTA
+from advreid.attacks.metric_fgsm import MetricFGSM, MetricIFGSM
+from advreid.attacks.noise import UniformNoise
+from advreid.attacks.odfa import ODFA
+from advreid.attacks.output import SEED_COMPAT, finalize, output_name, quantize, reencode, save_images, to_uint8
+from advreid.attacks.pgd import FeaturePGD
+from advreid.attacks.sma import SMA
+
+__all__ = [
+    "ATTACKS", "DISTANCES", "FNA", "LTA", "ODFA", "SEED_COMPAT", "SMA", "Attack", "AttackFactory", "AttackInputs",
+    "FeaturePGD", "GuideBank", "Guides", "MetricFGSM", "MetricIFGSM", "UniformNoise", "build", "finalize", "lgt",
+    "linear_luma", "list_attacks", "local_grayscale", "luma", "output_name", "parse_eps", "per_sample_rand",
+    "pil_luma", "px", "quantize", "rect_masks", "rects_from_uniform", "reencode", "register_attack",
+    "resolve_steps", "sample_generators", "sample_lgt_rects", "save_images", "to_uint8",
+]

@@ -1,0 +1,446 @@
+"""The attack base class (projection, sign step, random start, momentum, per-sample losses) and the registry.
+
+A subclass defines only ``setup`` (its reference/guide features, computed once per batch under no_grad) and ``loss``
+(per-sample values to *maximise*); optionally ``before_step`` (e.g. LTA's fresh reference). Every random choice for
+sample ``i`` comes from a ``torch.Generator`` seeded from ``(seed, index[i], stream)``, so a sample's result does not
+depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advreid.registry import Registry
+
+DISTANCES = ("mse", "sqeuclidean", "cosine")
+GRAD_NORMS = (None, "mean_abs", "l1")
+STEP_RULES = ("kurakin", "kurakin_round")
+
+
+# ------------------------------------------------------------------------------------------------ budgets
+
+
+def px(n: float) -> float:
+    """``n`` pixels (0..255 scale) in [0,1] units: ``n / 255``."""
+    return float(n) / 255.0
+
+
+def _parse_number(value: str | float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, np.floating, np.integer)):
+        raise TypeError(f"{name} must be a number or a string like '5px' / '5/255' / '0.0196', got {value!r}")
+    if isinstance(value, str):
+        s = value.strip().lower().replace(" ", "")
+        try:
+            if s.endswith("px"):
+                v = float(s[:-2]) / 255.0
+            elif "/" in s:
+                num, den = s.split("/", 1)
+                v = float(num) / float(den)
+            else:
+                v = float(s)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"{name}={value!r} is not a number; expected e.g. 0.0196, '5/255' or '5px'") from None
+    else:
+        v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name}={value!r} must be finite")
+    if v < 0:
+        raise ValueError(f"{name}={value!r} must be >= 0")
+    return v
+
+
+def parse_eps(value: str | float, name: str = "eps") -> float:
+    """A budget in [0,1] units from a float or a string ("5px", "5/255", "0.0196"); values > 1 are refused."""
+    v = _parse_number(value, name)
+    if v > 1:
+        if isinstance(value, str) and value.strip().lower().endswith("px"):
+            raise ValueError(f"{name}={value!r} = {v:.4g} exceeds 1, the whole [0,1] pixel range")
+        n = value.strip() if isinstance(value, str) else f"{float(value):g}"
+        raise ValueError(f"{name}={n} looks like pixel units; budgets are in [0,1] units: "
+                         f"use px({n}) or '{n}px' (= {n}/255)")
+    return v
+
+
+def resolve_steps(steps: int | str, eps: float) -> int:
+    """An iteration count, or a rule: "kurakin" = int(min(eps_px+4, 1.25 eps_px)) (Bai), "kurakin_round" = round()."""
+    if isinstance(steps, str) and steps.strip().lower() in STEP_RULES:
+        e = round(eps * 255.0, 6)
+        t = min(e + 4.0, 1.25 * e)
+        return int(t) if steps.strip().lower() == "kurakin" else int(round(t))
+    try:
+        if isinstance(steps, bool):
+            raise ValueError
+        n = int(steps)
+        if isinstance(steps, float) and n != steps:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ValueError(f"steps={steps!r} must be an int >= 0 or one of {STEP_RULES}") from None
+    if n < 0:
+        raise ValueError(f"steps={steps!r} must be >= 0")
+    return n
+
+
+# ------------------------------------------------------------------------------------------- random streams
+
+
+def sample_generators(seed: int, index: torch.Tensor | Sequence[int], stream: str | int = 0) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded from ``(seed, index[i], stream)`` (independent of batch composition)."""
+    sid = zlib.crc32(stream.encode()) if isinstance(stream, str) else int(stream)
+    ids = index.tolist() if isinstance(index, torch.Tensor) else list(index)
+    gens = []
+    for i in ids:
+        state = np.random.SeedSequence([int(seed), int(i), sid]).generate_state(2, dtype=np.uint32)
+        g = torch.Generator()
+        g.manual_seed((int(state[0]) << 31) ^ int(state[1]))
+        gens.append(g)
+    return gens
+
+
+def per_sample_rand(generators: Sequence[torch.Generator], shape: Sequence[int], *, dtype: torch.dtype,
+                    device: torch.device | str = "cpu", normal: bool = False) -> torch.Tensor:
+    """(B, *shape) uniform [0,1) (or standard normal) values, sample i drawn from ``generators[i]``."""
+    fn = torch.randn if normal else torch.rand
+    if not generators:
+        return torch.empty((0, *shape), dtype=dtype, device=device)
+    return torch.stack([fn(tuple(shape), generator=g, dtype=dtype) for g in generators]).to(device)
+
+
+# --------------------------------------------------------------------------------------------- the class
+
+
+@dataclass
+class AttackInputs:
+    """What a call passes besides the images: labels, guides and sample identities."""
+
+    pids: torch.Tensor | None
+    camids: torch.Tensor | None
+    guides: Any
+    index: torch.Tensor
+    bank_index: torch.Tensor | None
+
+
+def _check_images(images: torch.Tensor) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a float tensor (B,C,H,W) in [0,1], got {type(images).__name__}")
+    if images.dim() != 4 or not images.is_floating_point():
+        raise ValueError(f"images must be a float tensor (B,C,H,W) in [0,1], got shape {tuple(images.shape)} "
+                         f"dtype {images.dtype} (convert uint8 with x.float() / 255)")
+    if images.numel() and (images.min() < 0 or images.max() > 1):
+        raise ValueError(f"images must lie in [0,1], got values in [{images.min().item():.4g}, "
+                         f"{images.max().item():.4g}]; normalisation belongs inside the model")
+    return images
+
+
+def _as_long(t: Any, n: int, name: str, device: torch.device | None = None) -> torch.Tensor:
+    t = torch.as_tensor(t, device=device)
+    if t.dim() != 1 or t.shape[0] != n or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor of shape ({n},), got {tuple(t.shape)} {t.dtype}")
+    return t.long()
+
+
+class Attack:
+    """L-inf metric attack on [0,1] images: ``x <- clip_{x0,eps}(x + alpha * sign(G))`` for ``steps`` iterations.
+
+    ``G`` is the gradient of the summed per-sample losses w.r.t. the input, optionally normalised per sample
+    (``grad_norm``) and accumulated with ``momentum``. Features are ``model.features(x)`` (or ``model(x)``),
+    L2-normalised when ``normalize``; ``distance`` is "mse" (mean of squares), "sqeuclidean" (sum) or "cosine".
+    """
+
+    name: str = "attack"
+    needs_guides: bool = False
+    guide_source_default: str | None = None
+
+    def __init__(self, model: nn.Module, eps: float | str = 5 / 255, alpha: float | str = 1 / 255,
+                 steps: int | str = 15, *, random_start: bool = False, momentum: float = 0.0,
+                 grad_norm: str | None = None, normalize: bool = True, distance: str = "mse", seed: int = 0,
+                 side: str = "query") -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module mapping [0,1] images to embeddings, "
+                            f"got {type(model).__name__}")
+        self.model = model
+        self.eps = self._parse_budget(eps, "eps")
+        self.alpha = self._parse_budget(alpha, "alpha")
+        self.steps = resolve_steps(steps, self.eps)
+        self.random_start = bool(random_start)
+        self.momentum = float(momentum)
+        if not math.isfinite(self.momentum) or self.momentum < 0:
+            raise ValueError(f"momentum={momentum!r} must be a finite float >= 0")
+        if grad_norm not in GRAD_NORMS:
+            raise ValueError(f"grad_norm={grad_norm!r} is not supported; expected one of {GRAD_NORMS}")
+        self.grad_norm = grad_norm
+        self.normalize = bool(normalize)
+        if distance not in DISTANCES:
+            raise ValueError(f"distance={distance!r} is not supported; expected one of {DISTANCES}")
+        self.distance = distance
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed={seed!r} must be an int >= 0")
+        self.seed = int(seed)
+        if side not in ("query", "gallery"):
+            raise ValueError(f"side={side!r} must be 'query' or 'gallery'")
+        self.side = side
+
+    # ---------------------------------------------------------------------------------- configuration
+
+    def _parse_budget(self, value: float | str, name: str) -> float:
+        return parse_eps(value, name)
+
+    def params(self) -> dict[str, Any]:
+        """JSON-able description that rebuilds this attack: ``build(p.pop("name"), model, **p)``."""
+        p: dict[str, Any] = {
+            "name": self.name, "eps": self.eps, "alpha": self.alpha, "steps": self.steps,
+            "momentum": self.momentum, "grad_norm": self.grad_norm, "random_start": self.random_start,
+            "normalize": self.normalize, "distance": self.distance, "seed": self.seed, "side": self.side,
+        }
+        p.update(self._extra_params())
+        return p
+
+    def _extra_params(self) -> dict[str, Any]:
+        return {}
+
+    def __repr__(self) -> str:
+        p = self.params()
+        name = p.pop("name")
+        eps_px = f"{p['eps'] * 255:.4g}px"
+        rest = ", ".join(f"{k}={v!r}" for k, v in p.items() if k != "eps")
+        return f"{type(self).__name__}[{name}](eps={eps_px}, {rest})"
+
+    # ---------------------------------------------------------------------------------------- helpers
+
+    def generators(self, index: torch.Tensor, stream: str) -> list[torch.Generator]:
+        """Per-sample generators for one random stream of this attack."""
+        return sample_generators(self.seed, index, stream)
+
+    def _model_dtype(self) -> torch.dtype | None:
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return None
+
+    def features(self, x: torch.Tensor, *, normalize: bool | None = None) -> torch.Tensor:
+        """Embeddings (B,D) of [0,1] images, L2-normalised when ``normalize`` (default: the attack's setting)."""
+        fn: Callable[[torch.Tensor], Any] = getattr(self.model, "features", self.model)
+        md = self._model_dtype()
+        f = fn(x if md is None or md == x.dtype else x.to(md))
+        if not isinstance(f, torch.Tensor):
+            raise TypeError(f"the feature function returned {type(f).__name__}, expected a (B,D) tensor; "
+                            "pass a model with .features() or whose forward returns embeddings")
+        f = f.flatten(1)
+        return F.normalize(f, dim=1) if (self.normalize if normalize is None else normalize) else f
+
+    def prep(self, feats: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Guide features from a bank (raw) -> the attack's space: device/dtype of ``like``, normalised if set."""
+        feats = feats.to(device=like.device, dtype=like.dtype)
+        if feats.is_inference():  # e.g. a bank extracted under inference_mode: make it usable in autograd
+            feats = feats.clone()
+        return F.normalize(feats, dim=-1) if self.normalize else feats
+
+    def dist(self, f: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """Per-sample distance: f (B,D) vs ref (B,D) -> (B,), or vs ref (B,K,D) -> (B,K)."""
+        if f.shape[-1] != ref.shape[-1]:
+            raise ValueError(f"attack {self.name!r}: the model's features have D={f.shape[-1]} but the reference/guide "
+                             f"features have D={ref.shape[-1]}; build the GuideBank with the attacked model")
+        if ref.dim() == 3:
+            f = f.unsqueeze(1)
+        if self.distance == "cosine":
+            return 1 - F.cosine_similarity(f, ref, dim=-1)
+        sq = (f - ref).pow(2)
+        return sq.mean(-1) if self.distance == "mse" else sq.sum(-1)
+
+    def require_guides(self, inp: AttackInputs, *, need_pids: bool = True) -> None:
+        """Clear error when guides (or the pids to look them up) are missing."""
+        from advreid.attacks.guides import Guides
+
+        src = self.guide_source_default or "gallery"
+        if inp.guides is None:
+            raise ValueError(f"attack {self.name!r} needs guides: call it with guides=GuideBank(features, pids, "
+                             f"camids) (normally built from the {src} set) and pids=..., or guides=Guides(...)")
+        if need_pids and not isinstance(inp.guides, Guides) and inp.pids is None:
+            raise ValueError(f"attack {self.name!r} looks up same-identity guides in the GuideBank: "
+                             "pass the images' pids=... (B,) as well")
+
+    # ------------------------------------------------------------------------------ subclass interface
+
+    def setup(self, x0: torch.Tensor, inp: AttackInputs) -> dict[str, Any]:
+        """Reference/guide features for this batch (runs under no_grad, model in eval mode)."""
+        return {}
+
+    def before_step(self, state: dict[str, Any], step: int) -> None:
+        """Per-iteration hook (e.g. a fresh reference); default nothing."""
+
+    def loss(self, feats: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """Per-sample losses (B,) to maximise, from the adversarial features (B,D)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------------------------------- the run
+
+    def __call__(self, images: torch.Tensor, pids: torch.Tensor | None = None, camids: torch.Tensor | None = None,
+                 guides: Any = None, *, index: torch.Tensor | None = None,
+                 bank_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Adversarial copy of ``images`` (B,C,H,W) in [0,1]; same shape, dtype and device; the input is untouched.
+
+        ``index`` (B,) names the samples for their random streams (default ``arange(B)``); ``bank_index`` (B,) is
+        each sample's position in the guide bank, for ``exclude_self`` (default: ``index`` when given).
+        """
+        _check_images(images)
+        b = images.shape[0]
+        idx = torch.arange(b) if index is None else _as_long(index, b, "index").cpu()
+        if idx.numel() and idx.min() < 0:
+            raise ValueError("index must hold non-negative sample ids")
+        if bank_index is None and index is not None:
+            bank_index = idx
+        elif bank_index is not None:
+            bank_index = _as_long(bank_index, b, "bank_index")
+        pids = None if pids is None else _as_long(pids, b, "pids")
+        camids = None if camids is None else _as_long(camids, b, "camids")
+        inp = AttackInputs(pids, camids, guides, idx, bank_index)
+        if self.needs_guides:
+            self.require_guides(inp)
+        with torch.inference_mode(False):  # callers inside inference_mode still get a differentiable attack
+            x0 = images.detach().clone()
+            if self.steps == 0 or b == 0:
+                return x0
+            modes = [(m, m.training) for m in self.model.modules()]
+            self.model.eval()
+            try:
+                with torch.no_grad():
+                    state = self.setup(x0, inp)
+                with torch.enable_grad():
+                    out = self.run(x0, state, idx)
+            finally:
+                for m, mode in modes:
+                    m.training = mode
+        return out.detach()
+
+    attack = __call__
+
+    def bounds(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel box of the eps-ball intersected with [0,1]."""
+        return (x0 - self.eps).clamp_(min=0), (x0 + self.eps).clamp_(max=1)
+
+    def init_point(self, x0: torch.Tensor, index: torch.Tensor, stream: str = "start") -> torch.Tensor:
+        """Start point: ``x0``, or ``clip(x0 + U(-eps, eps))`` with ``random_start``."""
+        if not self.random_start:
+            return x0.clone()
+        u = per_sample_rand(self.generators(index, stream), x0.shape[1:], dtype=x0.dtype, device=x0.device)
+        return (x0 + (2 * u - 1) * self.eps).clamp_(0, 1)
+
+    def input_grad(self, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """Gradient of the summed per-sample losses w.r.t. the input only (no grads into the model)."""
+        x = x.detach().requires_grad_(True)
+        loss = self.loss(self.features(x), state)
+        if not loss.requires_grad:
+            return torch.zeros_like(x)
+        (grad,) = torch.autograd.grad(loss.sum(), x, allow_unused=True)
+        return torch.zeros_like(x) if grad is None else grad
+
+    def process_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """Per-sample gradient normalisation ("mean_abs" or "l1")."""
+        if self.grad_norm is None:
+            return grad
+        dims = tuple(range(1, grad.dim()))
+        scale = grad.abs().mean(dim=dims, keepdim=True) if self.grad_norm == "mean_abs" else \
+            grad.abs().sum(dim=dims, keepdim=True)
+        return grad / scale.clamp_min(1e-12)
+
+    def step(self, x: torch.Tensor, direction: torch.Tensor, x0: torch.Tensor,
+             box: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Ascent step along ``direction`` then projection (L-inf: sign step, clip to the box)."""
+        return x.add_(direction.sign(), alpha=self.alpha).clamp_(box[0], box[1])
+
+    def iterate(self, x: torch.Tensor, x0: torch.Tensor, state: dict[str, Any],
+                box: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """``steps`` iterations from ``x``: gradient, normalisation, momentum, step, projection."""
+        acc: torch.Tensor | None = None
+        for t in range(self.steps):
+            self.before_step(state, t)
+            g = self.input_grad(x, state)
+            if self.momentum > 0:
+                # without momentum a positive per-sample scale cannot change the (sign or unit-norm) step: skip it
+                g = self.process_grad(g)
+                acc = g if acc is None else acc.mul_(self.momentum).add_(g)
+                g = acc
+            x = self.step(x.detach(), g, x0, box)
+        return x
+
+    def run(self, x0: torch.Tensor, state: dict[str, Any], index: torch.Tensor) -> torch.Tensor:
+        """One attack run from the start point (subclasses may add restarts)."""
+        box = self.bounds(x0)
+        return self.iterate(self.init_point(x0, index), x0, state, box)
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+class AttackFactory:
+    """A registered attack: its class plus the defaults of a preset; builds with unknown-parameter checks."""
+
+    def __init__(self, cls: type[Attack], name: str, defaults: dict[str, Any] | None = None) -> None:
+        self.cls = cls
+        self.name = name
+        self.defaults = dict(defaults or {})
+        bad = sorted(set(self.defaults) - self.allowed())
+        if bad:
+            raise TypeError(f"preset {name!r}: {cls.__name__} has no parameter(s) {bad}")
+
+    def allowed(self) -> set[str]:
+        """Constructor keyword names accepted along the class's ``__init__`` chain."""
+        names: set[str] = set()
+        for klass in self.cls.__mro__:
+            if "__init__" not in vars(klass):
+                continue
+            sig = inspect.signature(klass.__init__)
+            for p in list(sig.parameters.values())[2:]:  # skip self, model
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                    names.add(p.name)
+            if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+                break
+        return names
+
+    def __call__(self, model: nn.Module, **params: Any) -> Attack:
+        allowed = self.allowed()
+        bad = sorted(set(params) - allowed)
+        if bad:
+            hints = [f"{b!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(b, allowed, 1)) else repr(b)
+                     for b in bad]
+            raise TypeError(f"attack {self.name!r}: unknown parameter(s) {', '.join(hints)}; "
+                            f"allowed: {sorted(allowed)}")
+        attack = self.cls(model, **{**self.defaults, **params})
+        attack.name = self.name
+        return attack
+
+
+ATTACKS: Registry[AttackFactory] = Registry("attack")
+
+
+def register_attack(name: str, cls: type[Attack] | None = None, *, overwrite: bool = False,
+                    **defaults: Any) -> Any:
+    """Register ``cls`` (or decorate a class) under ``name``, with preset ``defaults`` for its constructor."""
+    if cls is None:
+        def deco(c: type[Attack]) -> type[Attack]:
+            register_attack(name, c, overwrite=overwrite, **defaults)
+            return c
+
+        return deco
+    ATTACKS.register(name, AttackFactory(cls, name, defaults), overwrite=overwrite)
+    return cls
+
+
+def build(name: str, model: nn.Module, **params: Any) -> Attack:
+    """Build a registered attack (``list_attacks()``) on ``model``; an unknown parameter raises TypeError."""
+    return ATTACKS.get(name)(model, **params)
+
+
+def list_attacks() -> list[str]:
+    """Names of the registered attacks and presets."""
+    return ATTACKS.names()
