@@ -141,6 +141,58 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_attack(a: argparse.Namespace) -> int:
+    import yaml
+
+    from advreid.attacks import parse_eps
+    from advreid.evaluation.robustness import parse_eps_list, run_attack
+    from advreid.reporting import METRIC_COLUMNS, format_table
+
+    def one(flag: str, text: str | None) -> float | None:
+        return None if text is None else float(parse_eps(text, flag))
+
+    if a.sweep_eps and a.eps is not None:
+        raise ValueError("--eps and --sweep-eps exclusive: give one budget or a list")
+    eps_list = parse_eps_list(a.sweep_eps) if a.sweep_eps else [one("--eps", a.eps or "5px")]
+    params = {}
+    for item in a.param:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param {item!r}: expected KEY=VALUE, e.g. --param momentum=0.5")
+        params[key] = yaml.safe_load(value)
+    steps = int(a.steps) if a.steps is not None and a.steps.strip().isdigit() else a.steps
+    none = {None: None, "none": None}
+    res, out = run_attack(
+        a.run_dir, a.data, a.attack, eps_list=eps_list, alpha=one("--alpha", a.alpha), steps=steps, side=a.side,
+        dataset=a.dataset, source_run=a.source_model, rerank=a.rerank, quantize=none.get(a.quantize, a.quantize),
+        reencode=none.get(a.reencode, a.reencode), seed_compat=a.seed_compat, seed=a.seed, attack_params=params,
+        max_images=a.max_images, save_adv=a.save_adv, out=a.out, overwrite=a.overwrite, batch_size=a.batch_size,
+        device=a.device, num_workers=a.num_workers, sweep=bool(a.sweep_eps),
+    )
+    runs = res["runs"]
+    rows = [{"setting": "clean", "linf": "", "s_img": "", **runs[0]["clean"]}]
+    if a.rerank:
+        rows.append({"setting": "clean, re-ranked", **_rr(runs[0]["clean"])})
+    for r in runs:
+        name = f"{a.attack} {r['eps_px']:.3g}px"
+        rows.append({"setting": name, "linf": f"{r['linf_max_px']:.2f}", "s_img": f"{r['time_per_image_s']:.3g}",
+                     **r["attacked"]})
+        if a.rerank:
+            rows.append({"setting": f"{name}, re-ranked", **_rr(r["attacked"])})
+    p = res["protocol"]
+    src = f", transfer from {res['source_model']['run_dir']}" if res["source_model"] else ""
+    print(f"{a.attack} on the {res['side']} set of {res['dataset']['name']} ({p['num_query']} query / "
+          f"{p['num_gallery']} gallery), metric {p['metric']}, quantize {res['finalize']['quantize'] or 'none'}, "
+          f"re-encode {res['finalize']['reencode'] or 'none'}{src}")
+    print(format_table(rows, [("setting", "")] + METRIC_COLUMNS + [("linf", "max Linf px"), ("s_img", "s/img")]))
+    print(f"saved to {out / 'results.json'}" + (f"; adversarial images in {a.save_adv}" if a.save_adv else ""))
+    return 0
+
+
+def _rr(res: dict) -> dict:
+    return {k[3:]: v for k, v in res.items() if k.startswith("rr_")}
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from advreid.data import generate_synthetic
     from advreid.engine import train
@@ -227,6 +279,50 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.add_argument("--num-workers", type=int, default=None)
     e.set_defaults(func=_cmd_eval)
+
+    k = sub.add_parser(
+        "attack", help="attack a trained run's query (or gallery) set and score clean vs attacked retrieval",
+        description="Perturb the query set (default; gallery stays clean) or the gallery set (--side gallery, "
+        "guided by the queries as in Bai et al.) with an attack and report clean and attacked rank-k/mAP. "
+        "Budgets in pixel units (5px = 5/255) or as fractions of the [0,1] range (0.0196).")
+    k.add_argument("run_dir", help="run directory of the model evaluated (and attacked, unless --source-model)")
+    k.add_argument("--data", required=True, help="dataset root")
+    k.add_argument("--attack", required=True, help="attack name (fgsm, ifgsm, mifgsm, sma, fna, odfa, lta, noise ...)")
+    k.add_argument("--eps", default=None, help="L-inf budget: 5px, 5/255 or 0.0196 (default 5px)")
+    k.add_argument("--alpha", default=None, help="step size, e.g. 1px (default: the attack's own)")
+    k.add_argument("--steps", default=None,
+                   help="iterations, or the rule kurakin (Bai: int(min(eps_px+4, 1.25 eps_px))) (default: the "
+                   "attack's own)")
+    k.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="an attack-specific parameter, repeatable (e.g. --param momentum=0.5)")
+    k.add_argument("--side", choices=["query", "gallery"], default=None,
+                   help="which set is perturbed (default: the attack's own side: query, gallery for ifgsm_bai)")
+    k.add_argument("--sweep-eps", default=None, metavar="LIST",
+                   help="comma-separated budgets, one evaluation each, e.g. 1px,2px,4px,5px,8px (replaces --eps)")
+    k.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking")
+    k.add_argument("--quantize", choices=["none", "round", "floor"], default=None,
+                   help="quantise adversarial images to 8 bits before scoring (default none)")
+    k.add_argument("--reencode", default=None, metavar="none|png|jpeg:Q",
+                   help="round-trip adversarial images through PNG or JPEG quality Q before scoring (default none)")
+    k.add_argument("--seed-compat", action="store_true",
+                   help="the seed paper's setting: --quantize floor --reencode jpeg:75 (saved files are JPEG q75)")
+    k.add_argument("--save-adv", default=None, metavar="DIR",
+                   help="write the adversarial images under their original file stems (PNG, or JPEG with "
+                   "--reencode jpeg:Q / --seed-compat); one sub-folder per eps in a sweep")
+    k.add_argument("--source-model", default=None, metavar="RUN_A",
+                   help="black-box transfer: craft the images on RUN_A's model (and its guides), evaluate RUN_DIR")
+    k.add_argument("--dataset", default=None, help="parser name (default: the one the run was trained on)")
+    k.add_argument("--batch-size", type=int, default=32, help="images attacked at once (default 32)")
+    k.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="quick look: attack only N evenly spaced images of the attacked side; clean and attacked "
+                   "rows are both scored on that subset (numbers not comparable with full runs)")
+    k.add_argument("--seed", type=int, default=0, help="seed of random starts / noise (default 0)")
+    k.add_argument("--device", default=None)
+    k.add_argument("--num-workers", type=int, default=2)
+    k.add_argument("--out", default=None,
+                   help="result folder (default RUN_DIR/attacks/<attack>-<side>[-sweep][-from-<RUN_A>])")
+    k.add_argument("--overwrite", action="store_true", help="replace an existing result folder (kept as .old-N)")
+    k.set_defaults(func=_cmd_attack)
 
     m = sub.add_parser("demo", help="synthetic data -> train a small model on CPU -> evaluate, in one go")
     m.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")

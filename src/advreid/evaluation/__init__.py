@@ -17,3 +17,14 @@ __all__ = [
     "evaluate_features",
     "evaluate_model",
 ]
+
+from advreid.evaluation.robustness import (  # noqa: E402 -- the attack runner (appended section)
+    AttackOutput,
+    attack_dataset,
+    build_guide_bank,
+    eval_protocol,
+    evaluate_attack,
+    run_attack,
+)
+
+__all__ += ["AttackOutput", "attack_dataset", "build_guide_bank", "eval_protocol", "evaluate_attack", "run_attack"]
