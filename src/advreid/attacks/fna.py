@@ -53,7 +53,9 @@ class FNA(MetricIFGSM):
         if not isinstance(g, GuideBank):
             raise TypeError(f"guides must be a GuideBank or Guides, got {type(g).__name__}")
         if self.pull == "furthest":
-            f0 = self.features(x0, normalize=False)
+            f0 = state.get("clean_raw")
+            if f0 is None:
+                f0 = self.features(x0, normalize=False)
             cent, _ = g.furthest_centroid(f0, inp.pids, normalize=self.normalize)
         else:
             cent, _ = g.random_centroid(inp.pids, self.generators(inp.index, "pull"))

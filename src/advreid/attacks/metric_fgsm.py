@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from advreid.attacks.base import Attack, AttackInputs, register_attack
@@ -77,7 +78,9 @@ class MetricIFGSM(Attack):
         state["push"] = self.prep(feats, x0)
         state["push_mask"] = mask.to(device=x0.device, dtype=x0.dtype)
         if self.pad_self:
-            state["self_ref"] = self.features(x0).to(x0.dtype)
+            raw = self.features(x0, normalize=False)
+            state["clean_raw"] = raw  # reused by subclasses (FNA's furthest-centroid search): one clean forward
+            state["self_ref"] = (F.normalize(raw, dim=1) if self.normalize else raw).to(x0.dtype)
             state["self_w"] = (max_count - state["push_mask"].sum(1)).clamp(min=0)
 
     def setup(self, x0: torch.Tensor, inp: AttackInputs) -> dict[str, Any]:
