@@ -63,6 +63,26 @@ DEFAULTS: dict[str, Any] = {
         "keep_every": 0,
         "progress": True,
     },
+    # Proactive defense (training-time batch transform) and passive defense (test-time preprocessor), by name
+    # (``advreid.defenses``); ``*_params`` override the preset's parameters.
+    "defense": {"proactive": None, "proactive_params": None, "passive": None, "passive_params": None},
+    # Adversarial training: ``method`` null | goat (online, each batch replaced by adversarial examples) |
+    # offline (Bai-style: a frozen ``source_run`` attacks the training set once; train on clean + adversarial).
+    "adv": {
+        "method": None,
+        "eps": None,  # budget, "5px" / 0.0196 (default 5px); [0,1] units unless eps_space=normalized
+        "alpha": None,  # step size (default 1px)
+        "steps": 7,
+        "random_start": True,
+        "push": 4,
+        "pull": 1,
+        "eps_space": "pixel",
+        "attack_mode": "train",
+        "source_run": None,
+        "attack": "ifgsm",
+        "attack_params": None,
+        "mix": "union",
+    },
     "eval": {
         "metric": "cosine",
         "normalize": True,
@@ -79,6 +99,10 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "sched.name": ("multistep", "step", "cosine", "constant"),
     "eval.metric": ("cosine", "euclidean", "sqeuclidean"),
     "eval.ap": ("standard", "official"),
+    "adv.method": (None, "goat", "offline"),
+    "adv.eps_space": ("pixel", "normalized"),
+    "adv.attack_mode": ("train", "eval"),
+    "adv.mix": ("union", "replace"),
 }
 
 
@@ -129,7 +153,7 @@ def _merge(base: dict, new: dict, where: str, schema: dict | None) -> dict:
 
 def _check_type(path: str, val: Any, default: Any) -> Any:
     if path in _CHOICES and val not in _CHOICES[path]:
-        raise ConfigError(f"config key {path!r} = {val!r}; expected one of {', '.join(_CHOICES[path])}")
+        raise ConfigError(f"config key {path!r} = {val!r}; expected one of {', '.join(map(str, _CHOICES[path]))}")
     if default is None or val is None:
         return val
     if isinstance(default, bool):
