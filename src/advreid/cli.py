@@ -72,7 +72,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 def run_eval(run_dir: Path, data: str, dataset: str | None, *, rerank: bool, flip: bool | None,
              metric: str | None, ap: str | None, checkpoint: str | None, device: str | None,
-             num_workers: int | None = None) -> dict:
+             num_workers: int | None = None, defense: str | None = None) -> dict:
     """Evaluate a run's checkpoint on a dataset; append the result to ``run_dir/results.json``."""
     import json
 
@@ -96,13 +96,22 @@ def run_eval(run_dir: Path, data: str, dataset: str | None, *, rerank: bool, fli
     ds = build_dataset(ds_name, data)
     dev = get_device(device)
     model.to(dev)
+    from advreid.evaluation.robustness import run_defense
+
+    defense_mod = run_defense(model, defense)
+    net = model
+    if defense_mod is not None:
+        from advreid.defenses.passive import DefendedModel
+
+        net = DefendedModel(model, defense_mod.to(dev))
     res = evaluate_model(
-        model, ds.query, ds.gallery, metric=metric or ecfg.get("metric", "cosine"),
+        net, ds.query, ds.gallery, metric=metric or ecfg.get("metric", "cosine"),
         normalize=ecfg.get("normalize", True), flip=ecfg.get("flip", False) if flip is None else flip,
         rerank=rerank, ap=ap or ecfg.get("ap", "standard"), batch_size=ecfg.get("batch_size", 128),
         height=h, width=w, device=dev, num_workers=num_workers if num_workers is not None else 2, progress=True,
     )
     res.update({"dataset": ds_name, "data_root": str(data), "checkpoint": str(stem),
+                "defense": None if defense_mod is None else {"name": defense_mod.name, "params": defense_mod.params()},
                 "trained_on": meta.get("dataset"),
                 "cross_domain": _is_cross_domain(ds_name, data, meta.get("dataset"), cfg.get("data", {}).get("root"))})
     path = run_dir / "results.json"
@@ -133,10 +142,11 @@ def _print_results(res: dict, title: str) -> None:
 
 def _cmd_eval(a: argparse.Namespace) -> int:
     res = run_eval(Path(a.run_dir), a.data, a.dataset, rerank=a.rerank, flip=a.flip, metric=a.metric, ap=a.ap,
-                   checkpoint=a.checkpoint, device=a.device, num_workers=a.num_workers)
+                   checkpoint=a.checkpoint, device=a.device, num_workers=a.num_workers, defense=a.defense)
     p = res["protocol"]
     _print_results(res, f"{res['dataset']} ({p['num_query']} query / {p['num_gallery']} gallery), "
-                        f"metric {p['metric']}, flip {p['flip']}, AP {p['ap']}, trained on {res['trained_on']}")
+                        f"metric {p['metric']}, flip {p['flip']}, AP {p['ap']}, trained on {res['trained_on']}"
+                        + (f", defense {res['defense']['name']}" if res["defense"] else ""))
     print(f"saved to {Path(a.run_dir) / 'results.json'}")
     return 0
 
@@ -167,7 +177,8 @@ def _cmd_attack(a: argparse.Namespace) -> int:
         dataset=a.dataset, source_run=a.source_model, rerank=a.rerank, quantize=none.get(a.quantize, a.quantize),
         reencode=none.get(a.reencode, a.reencode), seed_compat=a.seed_compat, seed=a.seed, attack_params=params,
         max_images=a.max_images, save_adv=a.save_adv, out=a.out, overwrite=a.overwrite, batch_size=a.batch_size,
-        device=a.device, num_workers=a.num_workers, sweep=bool(a.sweep_eps),
+        device=a.device, num_workers=a.num_workers, sweep=bool(a.sweep_eps), defense=a.defense,
+        adaptive=a.adaptive, eot_samples=a.eot,
     )
     runs = res["runs"]
     rows = [{"setting": "clean", "linf": "", "s_img": "", **runs[0]["clean"]}]
@@ -181,6 +192,8 @@ def _cmd_attack(a: argparse.Namespace) -> int:
             rows.append({"setting": f"{name}, re-ranked", **_rr(r["attacked"])})
     p = res["protocol"]
     src = f", transfer from {res['source_model']['run_dir']}" if res["source_model"] else ""
+    if res.get("defense"):
+        src += f", defense {res['defense']['name']} ({res['threat'].replace('_', '-')} attacker)"
     print(f"{a.attack} on the {res['side']} set of {res['dataset']['name']} ({p['num_query']} query / "
           f"{p['num_gallery']} gallery), metric {p['metric']}, quantize {res['finalize']['quantize'] or 'none'}, "
           f"re-encode {res['finalize']['reencode'] or 'none'}{src}")
@@ -193,32 +206,55 @@ def _rr(res: dict) -> dict:
     return {k[3:]: v for k, v in res.items() if k.startswith("rr_")}
 
 
-def _cmd_demo(a: argparse.Namespace) -> int:
-    from advreid.data import generate_synthetic
-    from advreid.engine import train
-    from advreid.utils.io import prepare_run_dir
+def _print_bench(doc: dict, out: Path) -> None:
+    from advreid.evaluation.bench import format_bench_table
 
-    try:
-        out = prepare_run_dir(a.out, overwrite=a.overwrite)
-    except FileExistsError:
-        raise FileExistsError(f"demo folder {a.out} already exists; pass --overwrite (the old one is kept as "
-                              f"{a.out}.old-N) or choose another --out") from None
+    for t in doc["_tables"]:
+        print()
+        print(format_bench_table(t, markdown=False))
+    print(f"results: {out / 'results.json'}; tables (Markdown, CSV): {out / 'tables'}"
+          + (f"; rank list: {doc['ranklist']}" if doc.get("ranklist") else ""))
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from advreid.evaluation.bench import run_bench
+
+    doc, out = run_bench(a.config, a.out, overrides=a.overrides, resume=a.resume, overwrite=a.overwrite,
+                         tables_only=a.tables_only)
+    _print_bench(doc, out)
+    if not doc["complete"]:
+        print("advreid: warning: some cells are missing (see the tables' '-' entries)", file=sys.stderr)
+    return 0
+
+
+def demo_config(quick: bool = False, seed: int = 0, device: str | None = None) -> dict:
+    """The demo's bench config (``configs/bench/demo.yaml``), shortened for ``--quick``."""
+    from advreid.evaluation.bench import load_bench_config
+
+    cfg = load_bench_config("demo")
+    cfg["seed"] = seed
+    if device:
+        cfg["device"] = device
+    if quick:
+        for m in cfg["models"].values():
+            m["overrides"] = [o for o in m.get("overrides") or [] if not o.startswith(("train.epochs", "sched."))]
+            m["overrides"] += ["train.epochs=8", "sched.milestones=[6]", "sched.warmup_epochs=1"]
+        cfg["settings"]["max_images"] = 60
+        cfg["settings"]["eot_samples"] = 2
+        cfg["datasets"]["synth"]["synthetic"].update({"ids": 40, "test_ids": 40})
+    return cfg
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from advreid.evaluation.bench import run_bench
+
     t0 = time.perf_counter()
-    print(f"[1/3] generating the synthetic Market-1501-format dataset in {out / 'data'}")
-    data = generate_synthetic(out / "data", seed=a.seed, progress=True)
-    print(f"[2/3] training a small ReID model on {'cpu' if a.device in (None, 'cpu') else a.device}")
-    ov = [f"data.root={data}", f"seed={a.seed}"]
-    if a.device:
-        ov.append(f"device={a.device}")
-    if a.quick:
-        ov += ["train.epochs=10", "sched.milestones=[8]"]
-    res = train("demo_cpu", out / "run", overrides=ov)
-    print("[3/3] evaluating (Market-1501 protocol, with k-reciprocal re-ranking)")
-    r = run_eval(res.run_dir, str(data), "market1501", rerank=True, flip=None, metric=None, ap=None,
-                 checkpoint=None, device=a.device)
-    _print_results(r, f"synthetic test set: {r['protocol']['num_query']} queries, "
-                      f"{r['protocol']['num_gallery']} gallery images")
-    print(f"demo finished in {time.perf_counter() - t0:.0f}s; run directory: {res.run_dir}")
+    cfg = demo_config(a.quick, a.seed, a.device)
+    print("advreid demo: synthetic Market-format data -> a baseline and a JAD-trained model (small CNN, CPU) -> "
+          "M-IFGSM, SMA, FNA and LTA query attacks, non-adaptive and adaptive (through circuitous scaling)")
+    doc, out = run_bench(cfg, a.out, overwrite=a.overwrite, resume=a.resume)
+    _print_bench(doc, out)
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s; output folder: {out}")
     return 0
 
 
@@ -276,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ap", choices=["standard", "official"], default=None,
                    help="standard (torchreid) or official (trapezoid, Market MATLAB/layumi) AP")
     e.add_argument("--checkpoint", default=None, help="checkpoint stem or file (default: the run's final/latest)")
+    e.add_argument("--defense", default=None, metavar="NAME|none",
+                   help="passive defense on every test image (default: the run's defense.passive; none: bare model)")
     e.add_argument("--device", default=None)
     e.add_argument("--num-workers", type=int, default=None)
     e.set_defaults(func=_cmd_eval)
@@ -311,6 +349,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "--reencode jpeg:Q / --seed-compat); one sub-folder per eps in a sweep")
     k.add_argument("--source-model", default=None, metavar="RUN_A",
                    help="black-box transfer: craft the images on RUN_A's model (and its guides), evaluate RUN_DIR")
+    k.add_argument("--defense", default=None, metavar="NAME|none",
+                   help="passive defense applied to every test image (cs, p1p2p1, rrp, jpeg, bitdepth ...; default: "
+                   "the run's defense.passive, e.g. cs for the JAD recipe; none: the bare model)")
+    k.add_argument("--adaptive", action="store_true",
+                   help="adaptive attacker: differentiate through the defense (BPDA, and EOT when it is random)")
+    k.add_argument("--eot", type=int, default=None, metavar="N",
+                   help="EOT samples per step for a randomised defense under --adaptive (default 10)")
     k.add_argument("--dataset", default=None, help="parser name (default: the one the run was trained on)")
     k.add_argument("--batch-size", type=int, default=32, help="images attacked at once (default 32)")
     k.add_argument("--max-images", type=int, default=None, metavar="N",
@@ -324,12 +369,28 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--overwrite", action="store_true", help="replace an existing result folder (kept as .old-N)")
     k.set_defaults(func=_cmd_attack)
 
-    m = sub.add_parser("demo", help="synthetic data -> train a small model on CPU -> evaluate, in one go")
+    b = sub.add_parser(
+        "bench", help="run a robustness benchmark grid (models x datasets x defenses x attacks x threat models)",
+        description="Train or reuse the models of a bench config, score every cell of its grid and write "
+        "results.json plus the tables (Markdown, CSV). Extra KEY=VALUE arguments override the config, e.g. "
+        "datasets.market.root=/data/Market-1501-v15.09.15 settings.max_images=500.")
+    b.add_argument("config", help="bench YAML file or preset name (configs/bench: market_seed, duke_seed, demo)")
+    b.add_argument("--out", default=None, help="output folder (default runs/bench/<name>)")
+    b.add_argument("--resume", action="store_true", help="continue an interrupted bench; finished cells are kept")
+    b.add_argument("--overwrite", action="store_true", help="start over; the old folder is kept as .old-N")
+    b.add_argument("--tables-only", action="store_true", help="rebuild the tables from the finished cells")
+    b.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    b.set_defaults(func=_cmd_bench)
+
+    m = sub.add_parser("demo", help="synthetic data -> baseline and JAD models -> attacks -> robustness table",
+                       description="The whole pipeline on the CPU in about 10 minutes (--quick: about 2): "
+                       "configs/bench/demo.yaml.")
     m.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
-    m.add_argument("--quick", action="store_true", help="fewer epochs (a smoke run)")
+    m.add_argument("--quick", action="store_true", help="fewer epochs, fewer attacked queries (a smoke run)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--device", default=None)
-    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--overwrite", action="store_true", help="start over; the old folder is kept as .old-N")
+    m.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     m.set_defaults(func=_cmd_demo)
     return p
 

@@ -155,6 +155,7 @@ class Attack:
     ``G`` is the gradient of the summed per-sample losses w.r.t. the input, optionally normalised per sample
     (``grad_norm``) and accumulated with ``momentum``. Features are ``model.features(x)`` (or ``model(x)``),
     L2-normalised when ``normalize``; ``distance`` is "mse" (mean of squares), "sqeuclidean" (sum) or "cosine".
+    ``eot_samples > 1`` averages ``G`` over that many forward/backward passes (EOT through a randomized defense).
     """
 
     name: str = "attack"
@@ -164,7 +165,7 @@ class Attack:
     def __init__(self, model: nn.Module, eps: float | str = 5 / 255, alpha: float | str = 1 / 255,
                  steps: int | str = 15, *, random_start: bool = False, momentum: float = 0.0,
                  grad_norm: str | None = None, normalize: bool = True, distance: str = "mse", seed: int = 0,
-                 side: str = "query") -> None:
+                 side: str = "query", eot_samples: int = 1) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module mapping [0,1] images to embeddings, "
                             f"got {type(model).__name__}")
@@ -189,6 +190,9 @@ class Attack:
         if side not in ("query", "gallery"):
             raise ValueError(f"side={side!r} must be 'query' or 'gallery'")
         self.side = side
+        if isinstance(eot_samples, bool) or not isinstance(eot_samples, (int, np.integer)) or eot_samples < 1:
+            raise ValueError(f"eot_samples={eot_samples!r} must be an int >= 1 (gradient passes averaged per step)")
+        self.eot_samples = int(eot_samples)
 
     # ---------------------------------------------------------------------------------- configuration
 
@@ -201,6 +205,7 @@ class Attack:
             "name": self.name, "eps": self.eps, "alpha": self.alpha, "steps": self.steps,
             "momentum": self.momentum, "grad_norm": self.grad_norm, "random_start": self.random_start,
             "normalize": self.normalize, "distance": self.distance, "seed": self.seed, "side": self.side,
+            "eot_samples": self.eot_samples,
         }
         p.update(self._extra_params())
         return p
@@ -336,7 +341,16 @@ class Attack:
         return (x0 + (2 * u - 1) * self.eps).clamp_(0, 1)
 
     def input_grad(self, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        """Gradient of the summed per-sample losses w.r.t. the input only (no grads into the model)."""
+        """Gradient of the summed per-sample losses w.r.t. the input, averaged over ``eot_samples`` passes (EOT)."""
+        g = self.single_grad(x, state)
+        if self.eot_samples == 1:
+            return g
+        for _ in range(self.eot_samples - 1):
+            g = g.add_(self.single_grad(x, state))
+        return g.div_(self.eot_samples)
+
+    def single_grad(self, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """One forward/backward pass: gradient w.r.t. the input only (no grads into the model)."""
         x = x.detach().requires_grad_(True)
         loss = self.loss(self.features(x), state)
         if not loss.requires_grad:

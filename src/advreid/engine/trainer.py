@@ -1,4 +1,11 @@
-"""The training loop: PK-sampled batches, CE + triplet, AMP, per-epoch atomic checkpoints, exact resume, DDP."""
+"""The training loop: PK-sampled batches, CE + triplet, AMP, per-epoch atomic checkpoints, exact resume, DDP.
+
+Defense hooks: a proactive defense (``defense.proactive``, a batch transform applied on the device before the
+forward), online adversarial training (``adv.method=goat``: each batch replaced by GOAT adversarial examples) and
+offline adversarial training (``adv.method=offline``: a frozen source run attacks the training set once). Every
+per-step random draw of these hooks comes from a CPU generator seeded from (seed, epoch, step, rank), so resume
+stays bit-exact.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import os
 import random
 import re
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, RandomSampler
 
-from advreid.config import dump_config, load_config
+from advreid.config import ConfigError, dump_config, load_config
 from advreid.data import (
     DistributedPKSampler,
     ImageDataset,
@@ -23,6 +31,7 @@ from advreid.data import (
     build_transforms,
     check_images,
 )
+from advreid.defenses.adv_training import build_goat, prepare_offline_adv, resolve_adv
 from advreid.engine.optim import build_optimizer, build_scheduler
 from advreid.losses import ReIDLoss
 from advreid.models import build_model, read_checkpoint, save_checkpoint
@@ -104,6 +113,39 @@ def _log(msg: str, rank: int) -> None:
         print(msg, flush=True)
 
 
+def batch_generator(seed: int, epoch: int, step: int, rank: int, stream: str) -> torch.Generator:
+    """A CPU generator for one training step's random draws of one hook (``stream``: "proactive", "goat"),
+    seeded from (seed, epoch, step, rank, stream) only, so a resumed run draws exactly what a straight run does."""
+    mask = 2**64 - 1
+    ss = np.random.SeedSequence([int(seed) & mask, int(epoch), int(step), int(rank), zlib.crc32(stream.encode())])
+    s0, s1 = (int(v) for v in ss.generate_state(2, dtype=np.uint32))
+    g = torch.Generator()
+    g.manual_seed((s0 << 32) | s1)
+    return g
+
+
+def _build_proactive(dcfg: dict) -> torch.nn.Module | None:
+    """The proactive defense of ``defense.proactive`` / ``defense.proactive_params`` (None when unset/"none")."""
+    name = dcfg.get("proactive")
+    params = dcfg.get("proactive_params")
+    if name is None or (isinstance(name, str) and name.lower() == "none"):
+        return None
+    if not isinstance(name, str):
+        raise ConfigError(f"config key 'defense.proactive' = {name!r}; expected a preset name such as 'reference'")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"config key 'defense.proactive_params' = {params!r}; expected a mapping of parameters")
+    try:
+        from advreid.defenses.proactive import build_proactive
+    except ImportError as e:
+        raise ConfigError(f"config key 'defense.proactive' = {name!r}: advreid.defenses.proactive is not "
+                          f"available ({e})") from None
+    try:
+        return build_proactive(name, params)
+    except (KeyError, TypeError, ValueError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ConfigError(f"config key 'defense.proactive' = {name!r}: {msg}") from None
+
+
 def train(
     cfg: dict | str | Path,
     run_dir: str | Path,
@@ -131,6 +173,10 @@ def train(
     if cfg["data"]["root"] is None:
         raise ValueError("data.root is not set: pass data.root=PATH (a dataset folder) or --data PATH")
     cfg["data"]["root"] = str(Path(cfg["data"]["root"]).resolve())  # so a resume from elsewhere finds it
+    adv = resolve_adv(cfg)  # a bad adv.* setting fails here, before the run directory is touched
+    if adv is not None and adv["method"] == "offline":
+        cfg["adv"]["source_run"] = adv["source_run"]
+    proactive = _build_proactive(cfg["defense"])
 
     distributed = world > 1
     if distributed and not dist.is_initialized():
@@ -165,9 +211,21 @@ def train(
         dcfg["height"], dcfg["width"], is_train=True, flip_p=tcfg["flip_p"], pad=tcfg["pad"],
         random_erasing_p=tcfg["random_erasing_p"],
     )
+    scfg = cfg["sampler"]
+    batch_size = scfg["p"] * scfg["k"] if scfg["type"] == "pk" else scfg["batch_size"]
+    adv_info: dict | None = None
+    if adv is not None and adv["method"] == "offline":
+        adv_records, adv_info = prepare_offline_adv(
+            adv, run_dir, train_records, height=dcfg["height"], width=dcfg["width"], device=device,
+            batch_size=batch_size, seed=seed, num_workers=dcfg["num_workers"], rank=rank, world=world,
+            log=lambda m: _log(m, rank))
+        clean = list(train_records)
+        train_records = clean + adv_records if adv["mix"] == "union" else adv_records
+        adv_info["train_images"] = {"clean": len(clean) if adv["mix"] == "union" else 0,
+                                    "adversarial": len(adv_records)}
+        _log(f"offline AT ({adv['mix']}): training on {len(train_records)} images", rank)
     train_set = ImageDataset(train_records, transform)
 
-    scfg = cfg["sampler"]
     pids = [r.pid for r in train_records]
     if scfg["type"] == "pk":
         if distributed:
@@ -189,6 +247,13 @@ def train(
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda" and cfg["train"]["cudnn_benchmark"]:
         torch.backends.cudnn.benchmark = True
+
+    adversary = None
+    if adv is not None and adv["method"] == "goat":
+        adversary = build_goat(model, adv, amp=bool(cfg["train"]["amp"]) and device.type == "cuda")
+        adv_info = adversary.params()
+    if isinstance(proactive, torch.nn.Module):
+        proactive = proactive.to(device)
 
     lcfg = cfg["loss"]
     criterion = ReIDLoss(
@@ -232,6 +297,9 @@ def train(
         "dataset": dcfg["name"],
         "num_classes": num_classes,
         "input_size": [dcfg["height"], dcfg["width"]],
+        "num_train_images": len(train_records),
+        "adv_training": adv_info,
+        "defense": {"proactive": cfg["defense"]["proactive"], "proactive_params": cfg["defense"]["proactive_params"]},
     }
     max_iters = cfg["train"]["max_iters_per_epoch"]
     for epoch in range(start_epoch, epochs):
@@ -266,8 +334,15 @@ def train(
             imgs, labels, _camids, _idx = next(it)
             imgs = imgs.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
+            if proactive is not None:
+                with torch.no_grad():
+                    imgs = proactive(imgs, generators=batch_generator(seed, epoch, step, rank, "proactive"))
             if channels_last:
                 imgs = imgs.contiguous(memory_format=torch.channels_last)
+            if adversary is not None:  # GOAT: the batch is replaced by its adversarial version (no clean term)
+                imgs = adversary(imgs, labels, generator=batch_generator(seed, epoch, step, rank, "goat"))
+                if channels_last:
+                    imgs = imgs.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
                 out = net(imgs)
             loss, parts = criterion({k: (v.float() if v is not None else None) for k, v in out.items()}, labels)

@@ -29,10 +29,12 @@ __all__ = [
     "build_guide_bank",
     "eval_protocol",
     "evaluate_attack",
+    "evaluate_clean",
     "guide_set",
     "parse_eps_list",
     "default_out_dir",
     "run_attack",
+    "run_defense",
     "subset_indices",
 ]
 
@@ -282,6 +284,11 @@ def evaluate_attack(
     num_workers: int = 0,
     progress: bool = False,
     on_eps: Callable[[dict], None] | None = None,
+    defense: nn.Module | None = None,
+    adaptive: bool = False,
+    eot_samples: int | None = None,
+    cache: dict | None = None,
+    keep_features: bool = False,
 ) -> dict:
     """Clean vs attacked rank-1/5/10, mAP, mINP (and re-ranked) for each eps in ``eps_list``.
 
@@ -292,6 +299,13 @@ def evaluate_attack(
     embedded once (raw, no flip) by the attacking model. ``max_images`` keeps an evenly spaced subset of the
     attacked side (for clean and attacked rows alike). ``on_eps(result)`` is called after each eps (partial result).
     With ``keep_images`` the result holds the finalized images under ``"images"`` (a list, one tensor per eps).
+
+    ``defense`` (a passive preprocess, :mod:`advreid.defenses.passive`) is applied to every evaluated image, queries
+    and gallery alike. The attacker is *non-adaptive* by default (it attacks the bare model, as in the seed paper);
+    with ``adaptive=True`` it attacks ``preprocess ∘ model`` (BPDA through non-differentiable steps, and EOT with
+    ``eot_samples`` draws -- default 10 -- when the defense is randomised). ``cache`` (a dict the caller reuses across
+    calls on the same model, data and protocol) keeps clean features and guide banks between calls;
+    ``keep_features`` returns the attacked side's features under ``"features"`` (one tensor per eps).
     """
     from advreid.attacks.output import parse_format
 
@@ -302,12 +316,31 @@ def evaluate_attack(
         raise ValueError("eps_list is empty")
     _check_finalize(quantize, reencode)
     device = torch.device(device) if device is not None else _device_of(model)
-    attacker = model if source_model is None else source_model
+    bare_attacker = model if source_model is None else source_model
     model.to(device).eval()
-    attacker.to(device).eval()
+    bare_attacker.to(device).eval()
     params = dict(attack_params or {})
     if "side" in params:
         raise ValueError("pass the side as side= (--side), not as an attack parameter")
+    if adaptive and defense is None:
+        raise ValueError("adaptive=True needs a defense: an adaptive attacker differentiates through the defense")
+    defense_info = _defense_info(defense)
+    eval_model, attacker = model, bare_attacker
+    if defense is not None:
+        from advreid.defenses.passive import DefendedModel
+
+        defense = defense.to(device).eval()
+        eval_model = DefendedModel(model, defense)
+        if adaptive:
+            attacker = DefendedModel(bare_attacker, defense)
+            if getattr(defense, "randomized", False):
+                params.setdefault("eot_samples", 10 if eot_samples is None else int(eot_samples))
+            elif eot_samples not in (None, 1):
+                params.setdefault("eot_samples", int(eot_samples))
+    threat = "adaptive" if adaptive else ("non_adaptive" if defense is not None else "white_box")
+    if source_model is not None:
+        threat = "transfer" + ("_adaptive" if adaptive else "")
+    cache = {} if cache is None else cache
     opt = _opt(alpha=alpha, steps=steps)
     # the preset's own side (``ifgsm_bai`` is a gallery attack) is the default and anchors its guide set
     declared_side = getattr(_build(attack, attacker, eps=float(eps_list[0]), **opt, seed=seed, **params), "side",
@@ -344,29 +377,36 @@ def evaluate_attack(
     tf = build_transforms(height, width, is_train=False)
     ekw = dict(batch_size=eval_batch_size, flip=flip, normalize=normalize, device=device, num_workers=num_workers,
                progress=progress)
-    clean = {s: extract_features(model, ImageDataset(sets_eval[s], tf), desc=f"clean {s}", **ekw) for s in SIDES}
-    clean_metrics = _score(*clean["query"], *clean["gallery"], metric=metric, ap=ap, rerank=rerank)
+    dkey = defense_info["key"] if defense_info else "none"
+    clean, clean_metrics = _clean(eval_model, dkey, sets_eval, tf, ekw, cache, side=side, max_images=max_images,
+                                  metric=metric, ap=ap, rerank=rerank)
     guides, guide_info = None, None
-    if needs_guides:  # the full set (not the subset), embedded once by the attacking model
-        guides = build_guide_bank(attacker, sets[gsrc], gsrc, height=height, width=width,
-                                  batch_size=eval_batch_size, num_workers=num_workers, progress=progress)
-        guide_info = {"source": gsrc, "num": len(sets[gsrc]), "model": "source" if source_model else "target"}
+    if needs_guides:  # the full set (not the subset), embedded once by the attacking model (and cached)
+        gkey = ("guides", gsrc, "source" if source_model is not None else "target", dkey if adaptive else "none",
+                height, width)
+        if gkey not in cache:
+            cache[gkey] = build_guide_bank(attacker, sets[gsrc], gsrc, height=height, width=width,
+                                           batch_size=eval_batch_size, num_workers=num_workers, progress=progress)
+        guides = cache[gkey]
+        guide_info = {"source": gsrc, "num": len(sets[gsrc]), "model": "source" if source_model else "target",
+                      "through_defense": bool(adaptive)}
 
     result: dict[str, Any] = {
         "attack": attack, "side": side, "guides": guide_info, "transfer": source_model is not None,
-        "finalize": fkw, "seed": seed,
+        "defense": defense_info, "threat": threat, "finalize": fkw, "seed": seed,
         "protocol": {"metric": metric, "normalize": normalize, "flip": flip, "ap": ap, "rerank": rerank,
                      "height": height, "width": width, "num_query": len(sets_eval["query"]),
                      "num_gallery": len(sets_eval["gallery"]), "max_images": max_images},
         "runs": [],
     }
     images: list[torch.Tensor] = []
+    features: list[torch.Tensor] = []
     for k, eps in enumerate(eps_list):
         atk = probe if k == 0 else make(eps)
         sdir = None
         if save_dir is not None:
             sdir = Path(save_dir) if len(eps_list) == 1 else Path(save_dir) / f"eps_{_eps_label(eps)}"
-        out = attack_dataset(attacker, atk, attacked, guides=guides, indices=sub, eval_model=model, flip=flip,
+        out = attack_dataset(attacker, atk, attacked, guides=guides, indices=sub, eval_model=eval_model, flip=flip,
                              normalize=normalize, batch_size=batch_size, height=height, width=width, device=device,
                              finalize_kw=fkw, keep_images=keep_images, save_dir=sdir, save_fmt=save_fmt,
                              num_workers=num_workers, progress=progress, desc=f"{attack} eps={_eps_label(eps)}")
@@ -380,11 +420,91 @@ def evaluate_attack(
         result["runs"].append(entry)
         if keep_images and out.images is not None:
             images.append(out.images)
+        if keep_features:
+            features.append(out.features)
         if on_eps is not None:
             on_eps(result)
     if keep_images:
         result["images"] = images
+    if keep_features:
+        result["features"] = features
     return result
+
+
+def _clean(eval_model: nn.Module, dkey: str, sets_eval: dict, tf: Any, ekw: dict, cache: dict, *, side: str,
+           max_images: int | None, metric: str, ap: str, rerank: bool) -> tuple[dict, dict]:
+    """Clean query/gallery features (cached under a key naming everything they depend on) and their scores."""
+    clean = {}
+    base = (dkey, side, max_images, ekw["flip"], ekw["normalize"], tuple(tf.transforms[0].size))
+    for s in SIDES:
+        ckey = ("clean", s, *base)
+        if ckey not in cache:
+            cache[ckey] = extract_features(eval_model, ImageDataset(sets_eval[s], tf), desc=f"clean {s}", **ekw)
+        clean[s] = cache[ckey]
+    mkey = ("metrics", *base, metric, ap, rerank)
+    if mkey not in cache:
+        cache[mkey] = _score(*clean["query"], *clean["gallery"], metric=metric, ap=ap, rerank=rerank)
+    return clean, cache[mkey]
+
+
+def evaluate_clean(
+    model: nn.Module,
+    query: Sequence[Record],
+    gallery: Sequence[Record],
+    *,
+    defense: nn.Module | None = None,
+    side: str = "query",
+    max_images: int | None = None,
+    metric: str = "cosine",
+    normalize: bool = True,
+    flip: bool = False,
+    ap: str = "standard",
+    rerank: bool = False,
+    eval_batch_size: int = 128,
+    height: int = 256,
+    width: int = 128,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    progress: bool = False,
+    cache: dict | None = None,
+) -> dict:
+    """Clean scores of ``model`` (behind ``defense``) on exactly the images :func:`evaluate_attack` scores as its
+    clean row (same subset, same cache): the no-attack cell of a robustness table."""
+    device = torch.device(device) if device is not None else _device_of(model)
+    model.to(device).eval()
+    eval_model = model
+    if defense is not None:
+        from advreid.defenses.passive import DefendedModel
+
+        eval_model = DefendedModel(model, defense.to(device).eval())
+    info = _defense_info(defense)
+    sets_eval = {"query": list(query), "gallery": list(gallery)}
+    sub = subset_indices(len(sets_eval[side]), max_images)
+    sets_eval[side] = [sets_eval[side][i] for i in sub]
+    tf = build_transforms(height, width, is_train=False)
+    ekw = dict(batch_size=eval_batch_size, flip=flip, normalize=normalize, device=device, num_workers=num_workers,
+               progress=progress)
+    _, metrics = _clean(eval_model, info["key"] if info else "none", sets_eval, tf, ekw,
+                        {} if cache is None else cache, side=side, max_images=max_images, metric=metric, ap=ap,
+                        rerank=rerank)
+    return {"attack": None, "side": side, "defense": info, "threat": "clean", "clean": metrics,
+            "protocol": {"metric": metric, "normalize": normalize, "flip": flip, "ap": ap, "rerank": rerank,
+                         "height": height, "width": width, "num_query": len(sets_eval["query"]),
+                         "num_gallery": len(sets_eval["gallery"]), "max_images": max_images}}
+
+
+def _defense_info(defense: nn.Module | None) -> dict | None:
+    """JSON description of a passive defense (its registry name when it has one, and its parameters)."""
+    if defense is None:
+        return None
+    import json
+
+    params = _jsonable(defense.params()) if hasattr(defense, "params") else {}
+    name = getattr(defense, "name", None) or type(defense).__name__
+    return {"name": name, "class": type(defense).__name__, "params": params,
+            "randomized": bool(getattr(defense, "randomized", False)),
+            "differentiable": bool(getattr(defense, "differentiable", True)),
+            "key": f"{name}:{json.dumps(params, sort_keys=True)}"}
 
 
 def _check_attack_name(attack: str) -> None:
@@ -453,10 +573,25 @@ def _load_run(run_dir: str | os.PathLike, checkpoint: str | None = None) -> tupl
     return model, info
 
 
+def run_defense(model: nn.Module, name: str | None = None, params: dict | None = None) -> nn.Module | None:
+    """The passive defense to evaluate ``model`` behind: ``name`` ("none" for the bare model), or by default the
+    one its training config names (``defense.passive``, e.g. the JAD recipe's circuitous scaling)."""
+    from advreid.defenses.passive import build_passive
+
+    if name is None:
+        dcfg = getattr(model, "checkpoint_meta", {}).get("meta", {}).get("config", {}).get("defense", {}) or {}
+        name, params = dcfg.get("passive"), dcfg.get("passive_params") if params is None else params
+    if name is None or str(name).lower() == "none":
+        return None
+    d = build_passive(name, params)
+    d.name = str(name)
+    return d
+
+
 def default_out_dir(run_dir: str | os.PathLike, attack: str, side: str, *, sweep: bool,
-                    source_run: str | os.PathLike | None = None) -> Path:
-    """``RUN_DIR/attacks/<attack>-<side>[-sweep][-from-<source run name>]``."""
-    name = f"{attack}-{side}" + ("-sweep" if sweep else "")
+                    source_run: str | os.PathLike | None = None, defense: str | None = None) -> Path:
+    """``RUN_DIR/attacks/<attack>-<side>[-sweep][-<defense>[-adaptive]][-from-<source run name>]``."""
+    name = f"{attack}-{side}" + ("-sweep" if sweep else "") + (f"-{defense}" if defense else "")
     if source_run is not None:
         name += f"-from-{Path(source_run).resolve().name}"
     return Path(run_dir) / "attacks" / name
@@ -488,6 +623,9 @@ def run_attack(
     num_workers: int = 0,
     progress: bool = True,
     sweep: bool | None = None,
+    defense: str | None = None,
+    adaptive: bool = False,
+    eot_samples: int | None = None,
 ) -> tuple[dict, Path]:
     """Load the run(s), attack, write ``<out>/results.json`` (atomically, after each eps); return (results, out)."""
     from advreid.data import build_dataset
@@ -507,6 +645,10 @@ def run_attack(
         quantize, reencode = SEED_COMPAT["quantize"], SEED_COMPAT["reencode"]
     model, target = _load_run(run_dir)
     proto = eval_protocol(model)
+    defense_mod = run_defense(model, defense)
+    if adaptive and defense_mod is None:
+        raise ValueError("--adaptive attacks through the run's passive defense, but there is none (the run's config "
+                         "has no defense.passive): pass --defense NAME (e.g. cs)")
     source, src_info = None, None
     if source_run is not None:
         source, src_info = _load_run(source_run)
@@ -528,8 +670,9 @@ def run_attack(
     ds = build_dataset(ds_name, data)
     dev = get_device(device)
     sweep = len(eps_list) > 1 if sweep is None else sweep
+    dlabel = None if defense_mod is None else defense_mod.name + ("-adaptive" if adaptive else "")
     out = Path(out) if out is not None else default_out_dir(run_dir, attack, side, sweep=sweep,
-                                                            source_run=source_run)
+                                                            source_run=source_run, defense=dlabel)
     dirs = [out] + ([Path(save_adv)] if save_adv is not None else [])
     for d in dirs:
         if d.is_dir() and any(d.iterdir()) and not overwrite:
@@ -567,6 +710,7 @@ def run_attack(
         reencode=reencode, batch_size=batch_size, eval_batch_size=proto["batch_size"], height=proto["height"],
         width=proto["width"], device=dev, max_images=max_images, save_dir=save_adv, num_workers=num_workers,
         progress=progress, on_eps=lambda r: atomic_write_json(path, document(r, complete=False)),
+        defense=defense_mod, adaptive=adaptive, eot_samples=eot_samples,
     )
     doc = document(res, complete=True)
     atomic_write_json(path, doc)

@@ -1,0 +1,514 @@
+"""Adversarial-training baselines: online GOAT (Bouniot et al.) and offline AT (Bai et al., as the seed uses it).
+
+* :class:`GOATAdversary` replaces every training batch by adversarial versions made by the *current* model
+  (spec 3.9): L-inf PGD maximising ``sum_k d(f(x'), g_k) - sum_q d(f(x'), p_q)`` with ``d`` the squared L2 distance
+  (MSE-sum) between raw embeddings. The trainer uses it when ``adv.method=goat``.
+* :func:`prepare_offline_adv` attacks every training image once with a frozen source model (spec 3.8), saves the
+  adversarial images losslessly under ``RUN_DIR/adv_train/<attack>/`` with a ``manifest.json``, and returns them as
+  extra :class:`~advreid.data.Record` s of the same identities. The trainer uses it when ``adv.method=offline``.
+* :func:`resolve_adv` validates the ``adv`` config section (errors name the key).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from torch import nn
+
+from advreid.attacks.base import parse_eps
+from advreid.config import ConfigError
+from advreid.data import ImageDataset, Record, build_transforms
+
+__all__ = [
+    "ADV_METHODS",
+    "GOATAdversary",
+    "GoatGuides",
+    "build_goat",
+    "goat_guides",
+    "offline_adv_dir",
+    "prepare_offline_adv",
+    "resolve_adv",
+]
+
+ADV_METHODS = ("goat", "offline")
+EPS_SPACES = ("pixel", "normalized")
+ATTACK_MODES = ("train", "eval")
+MIXES = ("union", "replace")
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "advreid-offline-at/1"
+DEFAULT_EPS = "5px"
+DEFAULT_ALPHA = "1px"
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ------------------------------------------------------------------------------------------------- config
+
+
+def _int(adv: dict, key: str, minimum: int = 0) -> int:
+    v = adv.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ConfigError(f"config key 'adv.{key}' = {v!r}; expected an integer >= {minimum}")
+    return int(v)
+
+
+def _budget(adv: dict, key: str, default: str) -> float:
+    raw = adv.get(key)
+    try:
+        return parse_eps(default if raw is None else raw, f"adv.{key}")
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key 'adv.{key}': {e}") from None
+
+
+def resolve_adv(cfg: dict) -> dict | None:
+    """Validated, resolved ``adv`` settings (eps/alpha as floats in [0,1] units, source_run absolute), or None.
+
+    Raises :class:`~advreid.config.ConfigError` naming the ``adv.*`` key that is wrong.
+    """
+    adv = dict(cfg.get("adv") or {})
+    method = adv.get("method")
+    if method is None or (isinstance(method, str) and method.lower() == "none"):
+        return None
+    if method not in ADV_METHODS:
+        raise ConfigError(f"config key 'adv.method' = {method!r}; expected one of null, {', '.join(ADV_METHODS)}")
+    out: dict[str, Any] = {"method": method, "eps": _budget(adv, "eps", DEFAULT_EPS),
+                           "alpha": _budget(adv, "alpha", DEFAULT_ALPHA), "steps": _int(adv, "steps")}
+    for key, choices in (("eps_space", EPS_SPACES), ("attack_mode", ATTACK_MODES), ("mix", MIXES)):
+        if adv.get(key) not in choices:
+            raise ConfigError(f"config key 'adv.{key}' = {adv.get(key)!r}; expected one of {', '.join(choices)}")
+    if method == "goat":
+        if not isinstance(adv.get("random_start"), bool):
+            raise ConfigError(f"config key 'adv.random_start' = {adv.get('random_start')!r}; expected true/false")
+        out.update(push=_int(adv, "push"), pull=_int(adv, "pull"), random_start=adv["random_start"],
+                   eps_space=adv["eps_space"], attack_mode=adv["attack_mode"])
+        return out
+    # offline
+    if adv["eps_space"] != "pixel":
+        raise ConfigError("config key 'adv.eps_space' = 'normalized' is only supported with adv.method=goat; "
+                          "offline AT budgets are in [0,1] pixel units (adv.eps_space=pixel)")
+    src = adv.get("source_run")
+    if src is None or (isinstance(src, str) and not src.strip()):
+        raise ConfigError("config key 'adv.source_run' is not set: adv.method=offline needs the run directory of a "
+                          "trained (frozen) model whose attacks make the adversarial training set, e.g. "
+                          "adv.source_run=runs/baseline")
+    src_path = Path(str(src)).expanduser().resolve()
+    if not src_path.is_dir():
+        raise ConfigError(f"config key 'adv.source_run' = {str(src)!r}: no such run directory")
+    from advreid.engine.trainer import find_checkpoint
+
+    try:
+        stem = find_checkpoint(src_path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config key 'adv.source_run' = {str(src)!r}: {e}") from None
+    from advreid.attacks import list_attacks
+
+    attack = adv.get("attack")
+    if not isinstance(attack, str) or attack.lower() not in list_attacks():
+        raise ConfigError(f"config key 'adv.attack' = {attack!r}; expected one of {', '.join(list_attacks())}")
+    params = adv.get("attack_params")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"config key 'adv.attack_params' = {params!r}; expected a mapping of attack parameters, "
+                          "e.g. adv.attack_params={momentum: 1.0}")
+    for bad in ("eps", "alpha", "steps"):
+        if bad in params:
+            raise ConfigError(f"config key 'adv.attack_params' sets {bad!r}; use adv.{bad} instead")
+    from advreid.attacks.base import ATTACKS
+
+    allowed = ATTACKS.get(attack).allowed()
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ConfigError(f"config key 'adv.attack_params': attack {attack!r} has no parameter(s) {unknown}; "
+                          f"allowed: {sorted(allowed)}")
+    out.update(source_run=str(src_path), source_checkpoint=str(stem), attack=attack.lower(),
+               attack_params=dict(params), mix=adv["mix"])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- GOAT
+
+
+@dataclass
+class GoatGuides:
+    """GOAT guides of a batch: pushing (B,P,D) and pulling (B,Q,D) features, masks, and batch rows (-1 = none)."""
+
+    push: torch.Tensor
+    push_mask: torch.Tensor
+    push_index: torch.Tensor
+    pull: torch.Tensor
+    pull_mask: torch.Tensor
+    pull_index: torch.Tensor
+
+
+def goat_guides(feats: torch.Tensor, pids: torch.Tensor, push: int, pull: int) -> GoatGuides:
+    """Guides of each sample of a batch, from the batch's own detached clean features (B,D) and pids (B,).
+
+    Pushing: the first ``push`` *other* batch members with the same pid (batch order; the PK sampler's order is
+    random); when ``push == 0`` or a sample has no same-pid partner, its own clean feature (SMA, GOAT^{0,0}).
+    Pulling: the ``pull`` batch features furthest (L2) from the sample's own, only the sample itself excluded
+    (the identity is not checked, as in Bouniot's code); ties go to the lowest batch index.
+    """
+    feats = feats.detach()
+    b = feats.shape[0]
+    dev = feats.device
+    pids = torch.as_tensor(pids, device=dev).long().reshape(-1)
+    if pids.shape[0] != b:
+        raise ValueError(f"goat_guides: {b} features but {pids.shape[0]} pids")
+    ar = torch.arange(b, device=dev)
+    eye = ar[:, None] == ar[None, :]
+    p = max(int(push), 1)
+    if push > 0 and b > 1:
+        same = (pids[:, None] == pids[None, :]) & ~eye
+        key = torch.where(same, ar[None, :], ar[None, :] + b)  # partners first, in batch order
+        order = key.sort(dim=1).values[:, :p]
+        if order.shape[1] < p:
+            order = torch.cat([order, order.new_full((b, p - order.shape[1]), 2 * b)], 1)
+        mask = order < b
+        idx = torch.where(mask, order, torch.full_like(order, -1))
+    else:
+        mask = torch.zeros(b, p, dtype=torch.bool, device=dev)
+        idx = torch.full((b, p), -1, dtype=torch.long, device=dev)
+    lonely = ~mask.any(1)  # SMA fallback: the sample's own clean feature
+    idx[lonely, 0] = ar[lonely]
+    mask[lonely, 0] = True
+    push_f = feats[idx.clamp(min=0)]
+    q = int(pull)
+    if q > 0:
+        d = torch.cdist(feats.float(), feats.float(), compute_mode="donot_use_mm_for_euclid_dist")
+        d = d.masked_fill(eye, float("-inf"))
+        if q == 1:
+            pidx = d.argmax(1, keepdim=True)  # first maximum, as the reference's strict '>' scan
+        else:
+            pidx = d.topk(min(q, b), dim=1).indices
+        pmask = torch.isfinite(d.gather(1, pidx))
+        if pidx.shape[1] < q:
+            pad = q - pidx.shape[1]
+            pidx = torch.cat([pidx, pidx.new_zeros(b, pad)], 1)
+            pmask = torch.cat([pmask, pmask.new_zeros(b, pad)], 1)
+        pidx = torch.where(pmask, pidx, torch.full_like(pidx, -1))
+        pull_f = feats[pidx.clamp(min=0)]
+    else:
+        pidx = torch.zeros(b, 0, dtype=torch.long, device=dev)
+        pmask = torch.zeros(b, 0, dtype=torch.bool, device=dev)
+        pull_f = feats.new_zeros(b, 0, feats.shape[1])
+    return GoatGuides(push_f, mask, idx, pull_f, pmask, pidx)
+
+
+def _model_std(model: nn.Module) -> tuple[float, float, float]:
+    std = getattr(model, "std", None)
+    if isinstance(std, torch.Tensor) and std.numel() == 3:
+        return tuple(float(v) for v in std.flatten().tolist())  # type: ignore[return-value]
+    return _IMAGENET_STD
+
+
+class GOATAdversary:
+    """GOAT batch adversary (Bouniot et al.): L-inf PGD on the batch with the model being trained.
+
+    Maximises, per sample, ``sum_k ||f(x') - g_k||^2 - sum_q ||f(x') - p_q||^2`` (MSE-sum, as the reference's
+    ``MSELoss(reduction='sum')``) where ``f`` is ``model.features`` -- the retrieval embedding the metric uses,
+    raw (no L2 normalisation), like Bouniot's classification model whose attacked feature is the BN output after
+    pooling. Guides come from :func:`goat_guides` on the clean batch features. ``push=0, pull=0`` is GOAT^{0,0}
+    (SMA guide), ``push=4, pull=1`` GOAT^{4,1}.
+
+    ``attack_mode="train"`` (the reference) attacks with the model in train mode: BatchNorm uses batch statistics,
+    so the samples of a batch are coupled, and every attack forward (one clean + ``steps``) also updates the BN
+    running statistics, as in the reference. ``"eval"`` attacks in eval mode. The model's modes are restored after.
+
+    ``eps_space="pixel"``: ``eps``/``alpha`` in [0,1] pixel units. ``"normalized"``: the reference's scale, the
+    budget lives in the normalised tensor space, i.e. per channel ``eps * std_c`` / ``alpha * std_c`` in pixel
+    space (about 1.1 px for 5/255). The iterate is projected onto the eps-ball intersected with [0,1]. Gradients
+    are taken w.r.t. the input only (``torch.autograd.grad``); no parameter gradient is accumulated.
+    """
+
+    def __init__(self, model: nn.Module, eps: float | str = DEFAULT_EPS, alpha: float | str = DEFAULT_ALPHA,
+                 steps: int = 7, *, random_start: bool = True, push: int = 4, pull: int = 1,
+                 eps_space: str = "pixel", attack_mode: str = "train",
+                 std: Sequence[float] | None = None, amp: bool = False) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"GOATAdversary needs an nn.Module, got {type(model).__name__}")
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module  # attack forwards must not go through DDP's gradient hooks
+        self.model = model
+        self.eps = parse_eps(eps, "eps")
+        self.alpha = parse_eps(alpha, "alpha")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps={steps!r} must be an int >= 0")
+        for name, v in (("push", push), ("pull", pull)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}={v!r} must be an int >= 0")
+        if eps_space not in EPS_SPACES:
+            raise ValueError(f"eps_space={eps_space!r}; expected one of {EPS_SPACES}")
+        if attack_mode not in ATTACK_MODES:
+            raise ValueError(f"attack_mode={attack_mode!r}; expected one of {ATTACK_MODES}")
+        self.steps, self.push, self.pull = int(steps), int(push), int(pull)
+        self.random_start = bool(random_start)
+        self.eps_space, self.attack_mode = eps_space, attack_mode
+        self.std = tuple(float(s) for s in std) if std is not None else _model_std(model)
+        if len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"std={std!r}: expected 3 positive per-channel values")
+        self.amp = bool(amp)
+
+    def params(self) -> dict[str, Any]:
+        """JSON-able settings (recorded in the checkpoint metadata)."""
+        return {"method": "goat", "eps": self.eps, "alpha": self.alpha, "steps": self.steps,
+                "random_start": self.random_start, "push": self.push, "pull": self.pull,
+                "eps_space": self.eps_space, "attack_mode": self.attack_mode, "std": list(self.std),
+                "feature": "model.features (raw)", "distance": "sqeuclidean"}
+
+    def budgets(self, x: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """(eps, alpha) in pixel space: floats, or (1,C,1,1) tensors for ``eps_space="normalized"``."""
+        if self.eps_space == "pixel":
+            return self.eps, self.alpha
+        s = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return self.eps * s, self.alpha * s
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw embeddings (B,D) in float32: ``model.features(x)`` (or ``model(x)``), autocast when ``amp``."""
+        fn: Callable[[torch.Tensor], Any] = getattr(self.model, "features", self.model)
+        with torch.autocast(device_type=x.device.type, dtype=torch.float16,
+                            enabled=self.amp and x.device.type == "cuda"):
+            f = fn(x)
+        if not isinstance(f, torch.Tensor):
+            raise TypeError(f"the model's feature function returned {type(f).__name__}; GOAT needs a model with "
+                            ".features(x) -> (B,D) embeddings")
+        return f.flatten(1).float()
+
+    @staticmethod
+    def loss(feats: torch.Tensor, guides: GoatGuides) -> torch.Tensor:
+        """Per-sample objective (B,) to maximise: masked push distances minus masked pull distances (MSE-sum)."""
+        push = ((feats[:, None, :] - guides.push.to(feats.dtype)).pow(2).sum(-1) * guides.push_mask).sum(1)
+        if guides.pull.shape[1] == 0:
+            return push
+        pull = ((feats[:, None, :] - guides.pull.to(feats.dtype)).pow(2).sum(-1) * guides.pull_mask).sum(1)
+        return push - pull
+
+    def guides(self, x0: torch.Tensor, pids: torch.Tensor) -> GoatGuides:
+        """Clean features of the batch (no grad, current mode) and the guides drawn from them."""
+        with torch.no_grad():
+            return goat_guides(self.features(x0), pids, self.push, self.pull)
+
+    def __call__(self, images: torch.Tensor, pids: torch.Tensor, *,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Adversarial copy of ``images`` (B,3,H,W) in [0,1]; the random start is drawn from the CPU ``generator``
+        (the global CPU RNG when None). ``steps=0`` returns the images unchanged, without any forward pass."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+            raise ValueError("GOATAdversary expects float images (B,3,H,W) in [0,1]")
+        x0 = images.detach()
+        if self.steps == 0 or x0.shape[0] == 0:
+            return x0.clone()
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.train(self.attack_mode == "train")
+        try:
+            with torch.inference_mode(False):
+                return self._run(x0, pids, generator)
+        finally:
+            for m, mode in modes:
+                m.training = mode
+
+    def _run(self, x0: torch.Tensor, pids: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        guides = self.guides(x0, pids)
+        eps, alpha = self.budgets(x0)
+        lo, hi = (x0 - eps).clamp(min=0), (x0 + eps).clamp(max=1)
+        if self.random_start:
+            u = torch.rand(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
+            x = torch.minimum(torch.maximum(x0 + (2 * u - 1) * eps, lo), hi)
+        else:
+            x = x0.clone()
+        for _ in range(self.steps):
+            x = x.detach().requires_grad_(True)
+            with torch.enable_grad():
+                obj = self.loss(self.features(x), guides).sum()
+            (grad,) = torch.autograd.grad(obj, x)
+            x = torch.minimum(torch.maximum(x.detach() + alpha * grad.sign(), lo), hi)
+        return x.detach()
+
+
+def build_goat(model: nn.Module, settings: dict, *, amp: bool = False) -> GOATAdversary:
+    """The GOAT adversary of resolved ``adv`` settings (:func:`resolve_adv`)."""
+    return GOATAdversary(model, settings["eps"], settings["alpha"], settings["steps"],
+                         random_start=settings["random_start"], push=settings["push"], pull=settings["pull"],
+                         eps_space=settings["eps_space"], attack_mode=settings["attack_mode"], amp=amp)
+
+
+# ----------------------------------------------------------------------------------------------- offline
+
+
+def offline_adv_dir(run_dir: str | os.PathLike, attack: str) -> Path:
+    """Where offline AT keeps its adversarial training images: ``RUN_DIR/adv_train/<attack>/``."""
+    return Path(run_dir) / "adv_train" / attack
+
+
+def _adv_names(records: Sequence[Record]) -> list[str]:
+    """Output names (PNG): the original file names (Market's encode pid and camera); relative paths on a clash."""
+    from advreid.attacks import output_name
+
+    base = [Path(r.path).name for r in records]
+    names = [str(output_name(n, "png")) for n in base]
+    if len(set(names)) == len(names):
+        return names
+    common = Path(os.path.commonpath([str(Path(r.path).parent) for r in records]))
+    names = [str(output_name(PurePosixPath(Path(r.path).relative_to(common).as_posix()), "png")) for r in records]
+    if len(set(names)) != len(names):
+        raise ValueError("offline AT: two training images map to the same adversarial file name")
+    return names
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def _attack_kwargs(name: str, settings: dict, seed: int) -> dict:
+    """Keyword arguments for ``advreid.attacks.build``: budgets, seed, same-identity guides excluding the image
+    itself (for attacks that take them), then ``adv.attack_params``."""
+    from advreid.attacks.base import ATTACKS
+
+    allowed = ATTACKS.get(name).allowed()
+    kw: dict[str, Any] = {"eps": settings["eps"], "alpha": settings["alpha"], "steps": settings["steps"]}
+    if "seed" in allowed:
+        kw["seed"] = int(seed) % (2**31)
+    if "exclude_self" in allowed:
+        kw["exclude_self"] = True
+    if "guide_source" in allowed:
+        kw["guide_source"] = "train"
+    kw.update(settings["attack_params"])
+    return kw
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def prepare_offline_adv(
+    settings: dict,
+    run_dir: str | os.PathLike,
+    train_records: Sequence[Record],
+    *,
+    height: int,
+    width: int,
+    device: torch.device | str,
+    batch_size: int = 32,
+    seed: int = 0,
+    num_workers: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    log: Callable[[str], None] | None = None,
+) -> tuple[list[Record], dict]:
+    """Attack every training image once with the frozen source model; return (adversarial records, info).
+
+    The images (test transform: resize to ``height`` x ``width``) are attacked in batches with ``index=`` the
+    record index, so results do not depend on batching or on the number of ranks (each rank does ``rank::world``).
+    Guides, when the attack needs them, are the other same-identity training images (``GuideBank`` of the source
+    model's embeddings of the training set, ``exclude_self``). The adversarial images are written as 8-bit PNGs
+    (rounded) under ``RUN_DIR/adv_train/<attack>/`` with the original file names, then ``manifest.json`` last,
+    atomically. A complete manifest with the same key (attack parameters, source checkpoint hash, records, size)
+    and all its files present is reused without regenerating. Records keep the originals' pid and camid.
+    """
+    from advreid.attacks import build, save_images
+    from advreid.evaluation.robustness import build_guide_bank
+    from advreid.models import load_checkpoint
+    from advreid.utils.io import atomic_write_json
+
+    log = log or (lambda m: None)
+    device = torch.device(device)
+    records = [Record(str(r[0]), int(r[1]), int(r[2])) for r in train_records]
+    if not records:
+        raise ValueError("offline AT: the training set is empty")
+    name = settings["attack"]
+    out_dir = offline_adv_dir(run_dir, name)
+    names = _adv_names(records)
+    stem = Path(settings["source_checkpoint"])
+    source = load_checkpoint(stem).to(device).eval()
+    for p in source.parameters():
+        p.requires_grad_(False)
+    try:
+        attack = build(name, source, **_attack_kwargs(name, settings, seed))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key 'adv.attack_params' (attack {name!r}): {e}") from None
+    rec_hash = hashlib.sha256("\n".join(f"{n}|{r.pid}|{r.camid}" for n, r in zip(names, records, strict=True))
+                              .encode()).hexdigest()
+    key = _jsonable({
+        "attack": name, "params": attack.params(), "source_weights_sha256": _sha256_file(Path(f"{stem}.safetensors")),
+        "height": int(height), "width": int(width), "records_sha256": rec_hash, "count": len(records),
+        "format": "png", "quantize": "round",
+    })
+    files = [str(out_dir / n) for n in names]
+    adv_records = [Record(f, r.pid, r.camid) for f, r in zip(files, records, strict=True)]
+    info: dict[str, Any] = {"method": "offline", "attack": name, "dir": str(out_dir), "count": len(records),
+                            "source_run": settings["source_run"], "source_checkpoint": str(stem),
+                            "mix": settings["mix"], "params": key["params"]}
+    manifest_path = out_dir / MANIFEST
+
+    def reusable() -> bool:
+        try:
+            doc = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return bool(doc.get("complete")) and doc.get("key") == key and all(Path(f).is_file() for f in files)
+
+    if reusable():
+        log(f"offline AT: reusing {len(files)} adversarial training images in {out_dir}")
+        return adv_records, {**info, "reused": True}
+    _barrier()  # every rank has decided before rank 0 removes a stale manifest
+    if rank == 0:
+        manifest_path.unlink(missing_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    log(f"offline AT: attacking {len(records)} training images with {name} from {stem} -> {out_dir}")
+    t0 = time.perf_counter()
+    guides = None
+    needs_guides = bool(getattr(attack, "needs_guides", False))
+    if needs_guides:
+        guides = build_guide_bank(source, records, "train", height=height, width=width, batch_size=batch_size,
+                                  num_workers=num_workers)
+    mine = list(range(rank, len(records), max(world, 1)))
+    ds = torch.utils.data.Subset(ImageDataset(records, build_transforms(height, width, is_train=False)), mine)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    linf = torch.zeros((), dtype=torch.float64)
+    for x, pid, cam, idx in loader:
+        x = x.to(device, non_blocking=True)
+        adv = attack(x, pid.to(device), cam.to(device), guides, index=idx)
+        linf = torch.maximum(linf, (adv - x).abs().max().double().cpu())
+        save_images(adv.cpu(), [names[int(i)] for i in idx], out_dir, fmt="png", quantize="round")
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        t = linf.to(device) if dist.get_backend() == "nccl" else linf.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        linf = t.cpu()
+    seconds = time.perf_counter() - t0
+    _barrier()
+    if rank == 0:
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:
+            raise RuntimeError(f"offline AT: {len(missing)} adversarial image(s) were not written, e.g. {missing[0]}")
+        atomic_write_json(manifest_path, {
+            "format": MANIFEST_FORMAT, "complete": True, "key": key, "attack": name, "params": key["params"],
+            "source_run": settings["source_run"], "source_checkpoint": str(stem),
+            "guides": {"source": "train", "num": len(records), "exclude_self": key["params"].get("exclude_self")}
+            if needs_guides else None,
+            "count": len(records), "files": names, "linf_max": float(linf), "linf_max_px": float(linf) * 255,
+            "seconds": round(seconds, 3), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+    _barrier()
+    log(f"offline AT: wrote {len(records)} images in {seconds:.1f}s (max L-inf {float(linf) * 255:.2f} px)")
+    return adv_records, {**info, "reused": False, "linf_max_px": float(linf) * 255}

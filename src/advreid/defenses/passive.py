@@ -1,0 +1,441 @@
+"""Passive (test-time) defenses: input transforms applied to queries and gallery alike, and the defended model.
+
+Every preprocess maps float (B,3,H,W) images in [0,1] to [0,1] images (normally of the same size) and is usable by
+an adaptive attacker: differentiable steps keep their exact gradient, non-differentiable ones (8-bit rounding, JPEG)
+use BPDA (``bpda``: exact forward, the surrogate's gradient backward), and randomized ones (``randomized``) need EOT
+(``Attack(..., eot_samples=k)``). Random draws come from ``self.generator`` when set, else from the global torch RNG.
+Build by name with ``build_passive("cs")``; ``list_passive()`` names them all.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advreid.attacks.output import quantize as quantize_8bit
+from advreid.attacks.output import reencode
+from advreid.registry import Registry
+
+Size = tuple[int, int]
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+
+# Seed Table 6 patterns (sizes for a 256x128 input) and the reference code's "JAD2" variant.
+P1: tuple[Size, ...] = ((110, 50),)
+P2: tuple[Size, ...] = ((220, 100),)
+P1P2: tuple[Size, ...] = ((110, 50), (220, 100))
+P1P2P1: tuple[Size, ...] = ((110, 50), (220, 100), (110, 50))
+CS_SIZES = P1P2P1
+JAD2_SIZES: tuple[Size, ...] = ((90, 40), (200, 90), (90, 40))
+
+
+def bpda(forward_value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """Value of ``forward_value``, gradient of ``surrogate`` (identity surrogate = straight-through).
+
+    Same as ``surrogate + (forward_value - surrogate).detach()`` but exact in value: ``fv + (s - s.detach())``.
+    """
+    if not (torch.is_grad_enabled() and surrogate.requires_grad):
+        return forward_value.detach()
+    return forward_value.detach() + (surrogate - surrogate.detach())
+
+
+def _check_images(x: torch.Tensor, who: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+        desc = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{who} expects float images (B,C,H,W) in [0,1], got {desc}")
+
+
+def _size(v: Any, name: str) -> Size:
+    try:
+        h, w = v
+        ok = all(not isinstance(t, bool) and int(t) == t and int(t) > 0 for t in (h, w))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{name}={v!r} must be a pair (height, width) of positive ints")
+    return int(h), int(w)
+
+
+def _round_half_up(v: float) -> int:
+    return max(1, int(math.floor(v + 0.5)))
+
+
+def _uniform(n: int, generator: torch.Generator | None) -> torch.Tensor:
+    """(n,) float64 U[0,1) draws on the CPU, from ``generator`` or the global RNG."""
+    return torch.rand(n, generator=generator, dtype=torch.float64)
+
+
+class Preprocess(nn.Module):
+    """A passive defense: (B,3,H,W) [0,1] -> (B,3,H',W') [0,1]; ``params()`` rebuilds it via ``build_passive``."""
+
+    name: str = "preprocess"
+    randomized: bool = False  # needs EOT (a fresh random draw on every call)
+    differentiable: bool = True  # exact gradient exists (else BPDA)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator: torch.Generator | None = None
+
+    def params(self) -> dict[str, Any]:
+        """JSON-able description that rebuilds this preprocess: ``build_passive(p.pop("name"), p)``."""
+        return {"name": self.name, **self._kwargs()}
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self._kwargs().items())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_images(x, type(self).__name__)
+        return self.transform(x)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        """The defense on a checked batch."""
+        raise NotImplementedError
+
+
+def _resize(x: torch.Tensor, size: Size, mode: str, antialias: bool) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    return F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=antialias)
+
+
+class CircuitousScaling(Preprocess):
+    """CS (seed, Gong et al. 2022): bicubic resize hops through ``sizes`` then back to ``final`` (default: input size).
+
+    ``sizes`` are for a ``reference_size`` input and scale with the input (half-up rounding); ``reference_size=None``
+    makes them absolute. ``quantize`` rounds every hop (and the input) to 8 bits like the seed's PIL chain, with a
+    straight-through gradient. ``jitter > 0`` multiplies each image's hop sizes by its own U(1-jitter, 1+jitter).
+    """
+
+    name = "cs"
+
+    def __init__(self, sizes: Sequence[Sequence[int]] = CS_SIZES, final: Sequence[int] | None = None, *,
+                 interpolation: str = "bicubic", antialias: bool = True,
+                 reference_size: Sequence[int] | None = (256, 128), quantize: bool = False,
+                 jitter: float = 0.0) -> None:
+        super().__init__()
+        if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or len(sizes) == 0:
+            raise ValueError(f"sizes={sizes!r} must be a non-empty sequence of (height, width) pairs")
+        self.sizes = tuple(_size(s, f"sizes[{i}]") for i, s in enumerate(sizes))
+        self.final = None if final is None else _size(final, "final")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation={interpolation!r} is not supported; expected one of {INTERPOLATIONS}")
+        self.interpolation = interpolation
+        self.antialias = bool(antialias)
+        self.reference_size = None if reference_size is None else _size(reference_size, "reference_size")
+        self.quantize = bool(quantize)
+        if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0.0 <= float(jitter) < 1.0:
+            raise ValueError(f"jitter={jitter!r} must be a float in [0, 1)")
+        self.jitter = float(jitter)
+        self.differentiable = not self.quantize
+        self.randomized = self.jitter > 0
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"sizes": [list(s) for s in self.sizes], "final": None if self.final is None else list(self.final),
+                "interpolation": self.interpolation, "antialias": self.antialias,
+                "reference_size": None if self.reference_size is None else list(self.reference_size),
+                "quantize": self.quantize, "jitter": self.jitter}
+
+    def hop_sizes(self, height: int, width: int, factor: float = 1.0) -> list[Size]:
+        """Intermediate sizes (h, w) for an ``height`` x ``width`` input, times a jitter ``factor``."""
+        sy, sx = (1.0, 1.0) if self.reference_size is None else (height / self.reference_size[0],
+                                                                 width / self.reference_size[1])
+        return [(_round_half_up(h * sy * factor), _round_half_up(w * sx * factor)) for h, w in self.sizes]
+
+    def output_size(self, height: int, width: int) -> Size:
+        """Output size for an ``height`` x ``width`` input (``final``, or the input's own size)."""
+        return self.final if self.final is not None else (height, width)
+
+    def _hop(self, x: torch.Tensor, size: Size) -> torch.Tensor:
+        y = _resize(x, size, self.interpolation, self.antialias).clamp(0, 1)
+        return bpda(quantize_8bit(y, "round"), y) if self.quantize else y
+
+    def _chain(self, x: torch.Tensor, hops: list[Size], final: Size) -> torch.Tensor:
+        for s in hops:
+            x = self._hop(x, s)
+        return self._hop(x, final)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        final = self.output_size(h, w)
+        if self.quantize:
+            x = bpda(quantize_8bit(x.clamp(0, 1), "round"), x)
+        if not self.randomized:
+            return self._chain(x, self.hop_sizes(h, w), final)
+        factors = 1.0 + self.jitter * (2.0 * _uniform(x.shape[0], self.generator) - 1.0)
+        return torch.cat([self._chain(x[i:i + 1], self.hop_sizes(h, w, float(f)), final)
+                          for i, f in enumerate(factors.tolist())])
+
+
+class RandomResizePad(Preprocess):
+    """RRP (Xie et al. 2018) for ReID: shrink each image by its own factor U(scale) and pad it at a random offset.
+
+    The H x W canvas is filled with ``pad_value``; the shrunk size is round(factor * (H, W)) (half-up).
+    """
+
+    name = "rrp"
+    randomized = True
+
+    def __init__(self, scale: Sequence[float] = (0.875, 1.0), *, pad_value: float = 0.5,
+                 interpolation: str = "bilinear", antialias: bool = True) -> None:
+        super().__init__()
+        try:
+            lo, hi = (float(v) for v in scale)
+        except (TypeError, ValueError):
+            raise ValueError(f"scale={scale!r} must be a pair (low, high) with 0 < low <= high <= 1") from None
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"scale={scale!r} must be a pair (low, high) with 0 < low <= high <= 1")
+        self.scale = (lo, hi)
+        if isinstance(pad_value, bool) or not isinstance(pad_value, (int, float)) or not 0 <= pad_value <= 1:
+            raise ValueError(f"pad_value={pad_value!r} must be a float in [0, 1]")
+        self.pad_value = float(pad_value)
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation={interpolation!r} is not supported; expected one of {INTERPOLATIONS}")
+        self.interpolation = interpolation
+        self.antialias = bool(antialias)
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"scale": list(self.scale), "pad_value": self.pad_value, "interpolation": self.interpolation,
+                "antialias": self.antialias}
+
+    def sample(self, n: int, height: int, width: int) -> list[tuple[int, int, int, int]]:
+        """Per-image (h', w', top, left) draws (3 uniforms per image, from the generator or the global RNG)."""
+        u = _uniform(3 * n, self.generator).view(n, 3).tolist()
+        lo, hi = self.scale
+        out = []
+        for us, ut, ul in u:
+            f = lo + (hi - lo) * us
+            h2, w2 = min(height, _round_half_up(f * height)), min(width, _round_half_up(f * width))
+            top = min(height - h2, int(ut * (height - h2 + 1)))
+            left = min(width - w2, int(ul * (width - w2 + 1)))
+            out.append((h2, w2, top, left))
+        return out
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        out = []
+        for i, (h2, w2, top, left) in enumerate(self.sample(x.shape[0], h, w)):
+            y = _resize(x[i:i + 1], (h2, w2), self.interpolation, self.antialias).clamp(0, 1)
+            out.append(F.pad(y, (left, w - w2 - left, top, h - h2 - top), value=self.pad_value))
+        return torch.cat(out) if out else x.clone()
+
+
+class JPEG(Preprocess):
+    """JPEG round-trip at ``quality`` (8-bit rounding first; PIL defaults); straight-through (BPDA) gradient."""
+
+    name = "jpeg"
+    differentiable = False
+
+    def __init__(self, quality: int = 75) -> None:
+        super().__init__()
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+            raise ValueError(f"quality={quality!r} must be an int in 1..100")
+        self.quality = quality
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"quality": self.quality}
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x.clone()
+        return bpda(reencode(x.detach(), f"jpeg:{self.quality}"), x)
+
+
+class BitDepth(Preprocess):
+    """Bit-depth reduction (Xu et al., feature squeezing): round to 2**bits levels; straight-through gradient."""
+
+    name = "bitdepth"
+    differentiable = False
+
+    def __init__(self, bits: int = 5) -> None:
+        super().__init__()
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise ValueError(f"bits={bits!r} must be an int in 1..8")
+        self.bits = bits
+
+    def _kwargs(self) -> dict[str, Any]:
+        return {"bits": self.bits}
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        n = 2 ** self.bits - 1
+        return bpda(torch.round(x.detach().clamp(0, 1) * n) / n, x)
+
+
+class Chain(Preprocess):
+    """Composition ``modules[-1] ∘ ... ∘ modules[0]``; randomized if any part is, differentiable if all are."""
+
+    name = "chain"
+
+    def __init__(self, *modules: Preprocess) -> None:
+        super().__init__()
+        if not modules:
+            raise ValueError("Chain needs at least one preprocess module")
+        for i, m in enumerate(modules):
+            if not isinstance(m, nn.Module):
+                raise ValueError(f"Chain: modules[{i}] must be a Preprocess (nn.Module), got {type(m).__name__}")
+        self.steps = nn.ModuleList(modules)
+        self.randomized = any(getattr(m, "randomized", False) for m in modules)
+        self.differentiable = all(getattr(m, "differentiable", True) for m in modules)
+
+    def params(self) -> dict[str, Any]:
+        return {"name": self.name, "modules": [m.params() for m in self.steps]}
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.steps:
+            x = m(x)
+        return x
+
+
+# ------------------------------------------------------------------------------------------------ registry
+
+
+class PassiveFactory:
+    """A registered passive defense: a builder plus the defaults of a preset; checks parameter names."""
+
+    def __init__(self, name: str, cls: type[Preprocess], defaults: dict[str, Any] | None = None,
+                 build: Callable[..., Preprocess] | None = None) -> None:
+        self.name, self.cls, self.defaults = name, cls, dict(defaults or {})
+        self._build = build or cls
+
+    def allowed(self) -> list[str]:
+        """The preset's parameter names (the constructor's keywords)."""
+        sig = inspect.signature(self._build)
+        return sorted(p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+    def __call__(self, params: dict[str, Any] | None = None) -> Preprocess:
+        params = dict(params or {})
+        allowed = self.allowed()
+        bad = sorted(set(params) - set(allowed))
+        if bad:
+            hints = [f"{b!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(b, allowed, 1)) else repr(b)
+                     for b in bad]
+            raise ValueError(f"passive defense {self.name!r}: unknown parameter(s) {', '.join(hints)}; "
+                             f"valid: {allowed}")
+        module = self._build(**{**self.defaults, **params})
+        module.name = self.name
+        return module
+
+
+def _build_chain(modules: Sequence[dict[str, Any] | Preprocess] = ()) -> Chain:
+    parts = []
+    for i, m in enumerate(modules):
+        if isinstance(m, Preprocess):
+            parts.append(m)
+        elif isinstance(m, dict) and "name" in m:
+            p = dict(m)
+            parts.append(build_passive(p.pop("name"), p))
+        else:
+            raise ValueError(f"chain: modules[{i}]={m!r} must be a Preprocess or a dict with a 'name' key")
+    return Chain(*parts)
+
+
+PASSIVE: Registry[PassiveFactory] = Registry("passive defense")
+
+
+def register_passive(name: str, cls: type[Preprocess], *, build: Callable[..., Preprocess] | None = None,
+                     overwrite: bool = False, **defaults: Any) -> None:
+    """Register ``cls`` under ``name`` with preset ``defaults`` for its constructor."""
+    PASSIVE.register(name, PassiveFactory(name, cls, defaults, build), overwrite=overwrite)
+
+
+def build_passive(name: str | None, params: dict[str, Any] | None = None) -> Preprocess | None:
+    """The passive defense ``name`` (``list_passive()``) with ``params`` overriding its preset; None/"none" -> None.
+
+    Unknown names raise KeyError (listing the names), unknown parameters ValueError (listing the valid ones).
+    """
+    if name is None or (isinstance(name, str) and name.strip().lower() == "none"):
+        if params:
+            raise ValueError(f"passive defense {name!r} takes no parameters, got {sorted(params)}")
+        return None
+    if params is not None and not isinstance(params, dict):
+        raise ValueError(f"params must be a dict of constructor arguments, got {type(params).__name__}")
+    return PASSIVE.get(str(name).strip())(params)
+
+
+def list_passive() -> list[str]:
+    """Names of the registered passive defenses and presets."""
+    return PASSIVE.names()
+
+
+register_passive("cs", CircuitousScaling)
+register_passive("cs_pil", CircuitousScaling, quantize=True)
+register_passive("cs_jad2", CircuitousScaling, sizes=JAD2_SIZES)
+register_passive("cs_random", CircuitousScaling, jitter=0.1)
+register_passive("p1", CircuitousScaling, sizes=P1)
+register_passive("p2", CircuitousScaling, sizes=P2)
+register_passive("p1p2", CircuitousScaling, sizes=P1P2)
+register_passive("p1p2p1", CircuitousScaling, sizes=P1P2P1)
+register_passive("rrp", RandomResizePad)
+register_passive("jpeg", JPEG)
+register_passive("bitdepth", BitDepth)
+register_passive("chain", Chain, build=_build_chain)
+
+
+# ----------------------------------------------------------------------------------------- defended model
+
+
+class DefendedModel(nn.Module):
+    """``model ∘ preprocess``: forward and ``features`` give the model's embedding of ``preprocess(x)``.
+
+    ``preprocess=None`` is the bare model; the wrapper starts in the model's train/eval mode. Attack it to get an
+    adaptive attacker (BPDA built in; EOT via the attack's ``eot_samples`` when ``randomized``).
+    """
+
+    def __init__(self, model: nn.Module, preprocess: nn.Module | None = None) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module mapping [0,1] images to embeddings, "
+                             f"got {type(model).__name__}")
+        if preprocess is not None and not isinstance(preprocess, nn.Module):
+            raise ValueError(f"preprocess must be a Preprocess (nn.Module) or None, got {type(preprocess).__name__}")
+        self.model = model
+        self.preprocess = preprocess
+        if hasattr(model, "checkpoint_meta"):
+            self.checkpoint_meta = model.checkpoint_meta
+        self.train(model.training)  # wrapping keeps the model's mode (a fresh nn.Module would be in train mode)
+
+    @property
+    def randomized(self) -> bool:
+        """True when the preprocess draws randomness (attack it with EOT)."""
+        return bool(getattr(self.preprocess, "randomized", False))
+
+    @property
+    def differentiable(self) -> bool:
+        """True when the whole pipeline has an exact gradient (no BPDA step)."""
+        return bool(getattr(self.preprocess, "differentiable", True))
+
+    @property
+    def embed_dim(self) -> int:
+        """The wrapped model's embedding dimension."""
+        return self.model.embed_dim
+
+    def describe(self) -> str:
+        """Short label for tables: the preprocess name, or "none"."""
+        return "none" if self.preprocess is None else str(getattr(self.preprocess, "name", type(self.preprocess)
+                                                                 .__name__))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's embedding of ``preprocess(x)``."""
+        if self.preprocess is not None:
+            x = self.preprocess(x)
+        fn = getattr(self.model, "features", None)
+        return fn(x) if callable(fn) else self.model(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def extra_repr(self) -> str:
+        return f"defense={self.describe()!r}"

@@ -1,0 +1,119 @@
+"""The benchmark runner: grid cells, resume after an interruption without recomputing, tables in the seed's shapes."""
+
+import json
+
+import pytest
+from tests.conftest import tiny_overrides
+
+from advreid.config import ConfigError
+from advreid.evaluation import bench as bench_mod
+from advreid.evaluation.bench import build_tables, load_bench_config, run_bench
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synth_root, tmp_path_factory):
+    from advreid.engine import train
+
+    run = tmp_path_factory.mktemp("bench") / "run"
+    train("demo_cpu", run, overrides=tiny_overrides(synth_root, epochs=2))
+    return run
+
+
+def _cfg(run, root) -> dict:
+    return {
+        "name": "tiny", "seed": 0, "device": "cpu",
+        "datasets": {"synth": {"name": "market1501", "root": str(root)}},
+        "models": {"m": {"run": str(run)}},
+        "defenses": {"none": None, "cs": {"name": "cs"}},
+        "attacks": {"clean": None, "noise": {"name": "noise", "eps": "8px"},
+                    "ifgsm": {"name": "ifgsm", "eps": "8px", "alpha": "2px", "steps": 3}},
+        "settings": {"rerank": True, "batch_size": 16, "num_workers": 0, "progress": False},
+        "grid": [{"models": ["m"], "datasets": ["synth"], "defenses": ["none", "cs"],
+                  "attacks": ["clean", "noise", "ifgsm"], "threats": ["non_adaptive", "adaptive"]}],
+        "tables": [{"name": "t", "kind": "attack", "dataset": "synth", "rows": ["m", "m+cs"],
+                    "columns": ["clean", "noise", "ifgsm"], "threats": ["non_adaptive", "adaptive"]},
+                   {"name": "c", "kind": "clean", "datasets": ["synth"], "rows": ["m", "m+cs"]}],
+    }
+
+
+def test_cells_collapse_threats_without_a_defense(tiny_run, synth_root):
+    cells = bench_mod._cells(load_bench_config(_cfg(tiny_run, synth_root)))
+    # no defense: one white-box cell per attack; clean: one cell per defense; cs x 2 attacks x 2 threat models
+    assert len(cells) == 2 + 2 + 4
+    assert ("m", "synth", "cs", "ifgsm", "adaptive") in cells
+    assert ("m", "synth", "none", "ifgsm", "white_box") in cells
+    assert ("m", "synth", "cs", "clean", "clean") in cells
+
+
+def test_bench_resumes_without_recomputing(tiny_run, synth_root, tmp_path, monkeypatch):
+    cfg = _cfg(tiny_run, synth_root)
+    out = tmp_path / "b"
+    real = bench_mod._Bench.compute
+    calls = []
+
+    def crashing(self, cell):
+        if len(calls) == 5:
+            raise KeyboardInterrupt("simulated interruption")
+        calls.append(cell)
+        return real(self, cell)
+
+    monkeypatch.setattr(bench_mod._Bench, "compute", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(cfg, out, progress=False)
+    assert len(list((out / "cells").glob("*.json"))) == 5
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["complete"] is False and len(partial["cells"]) == 5
+
+    with pytest.raises(FileExistsError, match="--resume"):
+        run_bench(cfg, out, progress=False)  # never silently reuses the folder
+
+    first = list(calls)
+    calls.clear()
+    doc, _ = run_bench(cfg, out, resume=True, progress=False)
+    assert len(calls) == 3 and not set(calls) & set(first)  # only the unfinished cells ran
+    assert doc["complete"] is True and len(doc["cells"]) == 8
+
+    calls.clear()
+    doc2, _ = run_bench(cfg, out, resume=True, progress=False)
+    assert calls == [] and doc2["complete"]
+
+    cells = {tuple(c["cell"].values()): c for c in doc["cells"]}
+    clean = cells[("m", "synth", "none", "clean", "clean")]["clean"]
+    noise = cells[("m", "synth", "none", "noise", "white_box")]["runs"][0]
+    attacked = cells[("m", "synth", "none", "ifgsm", "white_box")]["runs"][0]
+    # every attacked cell's clean row equals the clean cell (same images, same cache)
+    assert noise["clean"] == clean and attacked["clean"] == clean
+    assert attacked["attacked"]["mAP"] < noise["attacked"]["mAP"]
+    assert attacked["linf_max"] <= 8 / 255 + 1e-6
+    adaptive = cells[("m", "synth", "cs", "ifgsm", "adaptive")]
+    assert adaptive["threat"] == "adaptive" and adaptive["defense"]["name"] == "cs"
+    assert cells[("m", "synth", "cs", "ifgsm", "non_adaptive")]["threat"] == "non_adaptive"
+
+    tables = {t["name"]: t for t in build_tables(doc)}
+    t = tables["t"]
+    assert t["header"] == ["model", "threat model", "no attack", "noise", "ifgsm"]
+    labels = [(r[0], r[1]) for r in t["rows"]]
+    assert labels == [("m", "white-box"), ("m+cs", "non-adaptive"), ("m+cs", "adaptive"),
+                      ("m + RK", "white-box"), ("m+cs + RK", "non-adaptive"), ("m+cs + RK", "adaptive")]
+    assert t["rows"][0][2] == f"{100 * clean['rank1']:.1f} / {100 * clean['mAP']:.1f}"
+    assert t["rows"][3][2] == f"{100 * clean['rr_rank1']:.1f} / {100 * clean['rr_mAP']:.1f}"
+    md = (out / "tables" / "t.md").read_text()
+    assert "| m+cs" in md and "R1 / mAP" in md
+    csv_lines = (out / "tables" / "t.csv").read_text().splitlines()
+    assert csv_lines[0] == "model,threat model,no attack,noise,ifgsm" and len(csv_lines) == 7
+    assert (out / "tables" / "c.md").is_file()
+
+
+def test_bench_config_errors(tiny_run, synth_root):
+    cfg = _cfg(tiny_run, synth_root)
+    cfg["attacks"]["ifgsm"]["stepz"] = 3
+    with pytest.raises(ConfigError, match="stepz.*did you mean 'steps'"):
+        load_bench_config(cfg)
+    cfg = _cfg(tiny_run, synth_root)
+    cfg["grid"][0]["defenses"] = ["none", "jpg"]
+    with pytest.raises(ConfigError, match="'jpg' is not defined under defenses"):
+        load_bench_config(cfg)
+    with pytest.raises(ConfigError, match="threats"):
+        load_bench_config({**_cfg(tiny_run, synth_root), "grid": [{"threats": ["white"]}]})
+    for name in ("demo", "market_seed", "duke_seed"):
+        assert bench_mod._cells(load_bench_config(name))
