@@ -233,3 +233,39 @@ def test_interrupt_leaves_complete_partial_results(runs, data_root, tmp_path, mo
     res = json.loads((out / "results.json").read_text())
     assert res["complete"] is False and len(res["runs"]) == 1 and res["runs"][0]["eps_px"] == pytest.approx(2)
     assert [p.name for p in out.iterdir()] == ["results.json"]  # no temp file left behind
+
+
+def test_defense_non_adaptive_vs_adaptive(runs, data_root, tmp_path, capsys):
+    """CS in front of the model: the non-adaptive attack (seed setting) is blunted; the adaptive one, which
+    differentiates through CS, is stronger -- what a robustness table has to show."""
+    common = ("--attack", "ifgsm", "--eps", "5px", "--steps", "10", "--defense", "cs")
+    na = _attack(runs["victim"], data_root, tmp_path / "na", *common)
+    ad = _attack(runs["victim"], data_root, tmp_path / "ad", *common, "--adaptive")
+    bare = _attack(runs["victim"], data_root, tmp_path / "bare", "--attack", "ifgsm", "--eps", "5px", "--steps", "10")
+    assert na["threat"] == "non_adaptive" and ad["threat"] == "adaptive" and bare["threat"] == "white_box"
+    assert na["defense"]["name"] == "cs" and bare["defense"] is None
+    assert "non-adaptive attacker" in capsys.readouterr().out
+    (n,), (a,), (b,) = na["runs"], ad["runs"], bare["runs"]
+    assert n["clean"] == a["clean"]  # same defended clean protocol
+    assert abs(n["clean"]["mAP"] - b["clean"]["mAP"]) < 0.05  # CS keeps clean accuracy
+    assert max(n["linf_max"], a["linf_max"]) <= 5 / 255 + 1e-6
+    assert a["attacked"]["mAP"] < n["attacked"]["mAP"]
+
+
+def test_adaptive_needs_a_defense(runs, data_root, tmp_path, capsys):
+    argv = ["attack", str(runs["victim"]), "--data", str(data_root), "--out", str(tmp_path / "o"), "--attack", "sma",
+            "--adaptive", "--device", "cpu"]
+    assert main(argv) == 2
+    assert "--defense" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_eval_applies_the_runs_passive_defense(data_root, tmp_path, capsys):
+    run = tmp_path / "jad"
+    assert main(["train", "--config", "bot_r50", "--out", str(run), *tiny_overrides(data_root, epochs=1),
+                 "defense.passive=cs"]) == 0
+    assert main(["eval", str(run), "--data", str(data_root), "--device", "cpu"]) == 0
+    assert main(["eval", str(run), "--data", str(data_root), "--device", "cpu", "--defense", "none"]) == 0
+    assert ", defense cs" in capsys.readouterr().out
+    evals = json.loads((run / "results.json").read_text())["evaluations"]
+    assert evals[0]["defense"]["name"] == "cs" and evals[1]["defense"] is None
+    assert evals[0]["mAP"] != evals[1]["mAP"]

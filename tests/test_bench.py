@@ -87,6 +87,7 @@ def test_bench_resumes_without_recomputing(tiny_run, synth_root, tmp_path, monke
     assert attacked["linf_max"] <= 8 / 255 + 1e-6
     adaptive = cells[("m", "synth", "cs", "ifgsm", "adaptive")]
     assert adaptive["threat"] == "adaptive" and adaptive["defense"]["name"] == "cs"
+    assert adaptive["runs"][0]["params"]["eot_samples"] == 1  # CS is deterministic: no EOT to pay for
     assert cells[("m", "synth", "cs", "ifgsm", "non_adaptive")]["threat"] == "non_adaptive"
 
     tables = {t["name"]: t for t in build_tables(doc)}

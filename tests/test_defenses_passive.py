@@ -95,14 +95,16 @@ def test_cs_hop_sizes_scale_with_the_input() -> None:
 
 
 def test_cs_visits_the_hop_sizes(monkeypatch) -> None:
+    import advreid.defenses.passive as passive
+
     seen = []
-    real = F.interpolate
+    real = passive._resize
 
-    def spy(x, *args, **kwargs):
-        seen.append(tuple(kwargs["size"]))
-        return real(x, *args, **kwargs)
+    def spy(x, size, *args, **kwargs):
+        seen.append(tuple(size))
+        return real(x, size, *args, **kwargs)
 
-    monkeypatch.setattr(F, "interpolate", spy)
+    monkeypatch.setattr(passive, "_resize", spy)
     build_passive("cs")(torch.rand(1, 3, 128, 64))
     assert seen == [(55, 25), (110, 50), (55, 25), (128, 64)]
     seen.clear()
@@ -344,3 +346,17 @@ def test_passive_defenses_preserve_clean_accuracy(blocks_model) -> None:
         with torch.no_grad():
             cos = (F.normalize(dm.features(q), dim=1) * fq).sum(1).mean().item()
         assert cos >= COSINE_FLOOR, (name, cos)
+
+
+@pytest.mark.parametrize("size", [(55, 25), (110, 50), (256, 128), (300, 140)])
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+def test_matrix_resize_equals_interpolate(size, mode) -> None:
+    """The resize runs as two matrix products (fast autograd on CPU); values equal F.interpolate's."""
+    from advreid.defenses.passive import _resize
+
+    x = torch.rand(2, 3, 128, 64, dtype=torch.float64)
+    ref = F.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True)
+    assert torch.allclose(_resize(x, size, mode, True), ref, atol=1e-12)
+    x32 = x.float()
+    ref32 = F.interpolate(x32, size=size, mode=mode, align_corners=False, antialias=True)
+    assert (_resize(x32, size, mode, True) - ref32).abs().max() < 2e-5

@@ -333,10 +333,8 @@ def evaluate_attack(
         eval_model = DefendedModel(model, defense)
         if adaptive:
             attacker = DefendedModel(bare_attacker, defense)
-            if getattr(defense, "randomized", False):
+            if getattr(defense, "randomized", False):  # EOT only where there is randomness to average over
                 params.setdefault("eot_samples", 10 if eot_samples is None else int(eot_samples))
-            elif eot_samples not in (None, 1):
-                params.setdefault("eot_samples", int(eot_samples))
     threat = "adaptive" if adaptive else ("non_adaptive" if defense is not None else "white_box")
     if source_model is not None:
         threat = "transfer" + ("_adaptive" if adaptive else "")
