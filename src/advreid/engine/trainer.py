@@ -134,11 +134,8 @@ def _build_proactive(dcfg: dict) -> torch.nn.Module | None:
         raise ConfigError(f"config key 'defense.proactive' = {name!r}; expected a preset name such as 'reference'")
     if params is not None and not isinstance(params, dict):
         raise ConfigError(f"config key 'defense.proactive_params' = {params!r}; expected a mapping of parameters")
-    try:
-        from advreid.defenses.proactive import build_proactive
-    except ImportError as e:
-        raise ConfigError(f"config key 'defense.proactive' = {name!r}: advreid.defenses.proactive is not "
-                          f"available ({e})") from None
+    from advreid.defenses.proactive import build_proactive
+
     try:
         return build_proactive(name, params)
     except (KeyError, TypeError, ValueError) as e:
