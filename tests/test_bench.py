@@ -7,6 +7,7 @@ from tests.conftest import tiny_overrides
 
 from advreid.config import ConfigError
 from advreid.evaluation import bench as bench_mod
+from advreid.evaluation import robustness as bench_mod_robustness
 from advreid.evaluation.bench import build_tables, load_bench_config, run_bench
 
 
@@ -69,8 +70,19 @@ def test_bench_resumes_without_recomputing(tiny_run, synth_root, tmp_path, monke
 
     first = list(calls)
     calls.clear()
+    cached = sorted(p.name for p in (out / "cache").rglob("*.safetensors"))
+    assert len(cached) == 4  # clean query + gallery features, without and with CS
+    extracted = []
+    real_extract = bench_mod_robustness.extract_features
+
+    def counting_extract(*a, **k):
+        extracted.append(k.get("desc"))
+        return real_extract(*a, **k)
+
+    monkeypatch.setattr(bench_mod_robustness, "extract_features", counting_extract)
     doc, _ = run_bench(cfg, out, resume=True, progress=False)
     assert len(calls) == 3 and not set(calls) & set(first)  # only the unfinished cells ran
+    assert not [d for d in extracted if d and d.startswith("clean")]  # clean features came from the disk cache
     assert doc["complete"] is True and len(doc["cells"]) == 8
 
     calls.clear()

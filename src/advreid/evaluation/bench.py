@@ -201,6 +201,48 @@ def _cells(cfg: dict) -> list[tuple[str, str, str, str, str]]:
 
 
 # --------------------------------------------------------------------------------------------- the runner
+class FeatureCache(dict):
+    """A dict whose ``("clean", ...)`` entries (feature, pid, camid tensors) are also kept as safetensors files, so
+    that a resumed bench does not re-extract them. Files are named by a hash of the key and written atomically; the
+    folder is named by the checkpoint (path and modification time), so a retrained model never reads stale ones."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = Path(folder)
+
+    def _path(self, key: Any) -> Path | None:
+        if not (isinstance(key, tuple) and key and key[0] == "clean"):
+            return None
+        import hashlib
+
+        return self.folder / f"{hashlib.sha1(repr(key).encode()).hexdigest()[:16]}.safetensors"
+
+    def __contains__(self, key: object) -> bool:
+        if super().__contains__(key):
+            return True
+        path = self._path(key)
+        if path is None or not path.is_file():
+            return False
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        super().__setitem__(key, (t["features"], t["pids"], t["camids"]))
+        return True
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        path = self._path(key)
+        if path is not None:
+            from safetensors.torch import save_file
+
+            from advreid.utils.io import atomic_write_with
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            f, p, c = value
+            tensors = {"features": f.contiguous(), "pids": p.contiguous(), "camids": c.contiguous()}
+            atomic_write_with(path, lambda name: save_file(tensors, name))
+
+
 class _Bench:
     def __init__(self, cfg: dict, out: Path, progress: bool) -> None:
         from advreid.utils.misc import get_device
@@ -217,6 +259,20 @@ class _Bench:
     def log(self, msg: str) -> None:
         if self.progress:
             print(msg, flush=True)
+
+    def cache(self, model: str, dataset: str) -> dict:
+        """Feature cache of (model, dataset): in memory, clean features also on disk (``OUT/cache``) for resumes."""
+        key = (model, dataset)
+        if key not in self.caches:
+            import hashlib
+
+            ckpt = Path(self.model(model)[1]["checkpoint"])
+            weights = Path(f"{ckpt}.safetensors")
+            mtime = weights.stat().st_mtime_ns if weights.is_file() else 0
+            stamp = f"{ckpt.resolve()}|{mtime}|{self.dataset_root(dataset)}"
+            tag = hashlib.sha1(stamp.encode()).hexdigest()[:10]  # another checkpoint -> another folder
+            self.caches[key] = FeatureCache(self.out / "cache" / f"{model}__{dataset}__{tag}")
+        return self.caches[key]
 
     # datasets and models ---------------------------------------------------------------------------
     def dataset_root(self, key: str) -> str:
@@ -315,7 +371,7 @@ class _Bench:
         model, info = self.model(mkey)
         proto = eval_protocol(model)
         ds = self.dataset(dkey)
-        cache = self.caches.setdefault((mkey, dkey), {})
+        cache = self.cache(mkey, dkey)
         s = self.s
         common = dict(defense=self.defense(fkey), metric=proto["metric"], normalize=proto["normalize"],
                       flip=proto["flip"], ap=proto["ap"], rerank=bool(s["rerank"]),
@@ -625,7 +681,7 @@ def _ranklist(bench: _Bench, spec: dict) -> Path:
         tf = build_transforms(proto["height"], proto["width"], is_train=False)
         ekw = dict(batch_size=proto["batch_size"], flip=proto["flip"], normalize=proto["normalize"],
                    device=bench.device, num_workers=0, progress=False)
-        cache = bench.caches.setdefault((m, d), {})
+        cache = bench.cache(m, d)
         sets = {"query": list(ds.query), "gallery": list(ds.gallery)}
         clean, _ = _clean(eval_model, info["key"] if info else "none", sets, tf, ekw, cache, side="query",
                           max_images=None, metric=proto["metric"], ap=proto["ap"], rerank=False)
