@@ -130,3 +130,15 @@ def test_bench_config_errors(tiny_run, synth_root):
         load_bench_config({**_cfg(tiny_run, synth_root), "grid": [{"threats": ["white"]}]})
     for name in ("demo", "market_seed", "duke_seed"):
         assert bench_mod._cells(load_bench_config(name))
+
+
+def test_bench_cli_errors_leave_nothing_behind(tmp_path, capsys):
+    from advreid.cli import main
+
+    out = tmp_path / "b"
+    # overrides are accepted before and after options; a missing dataset fails before the folder is made
+    assert main(["bench", "market_seed", "--out", str(out), "datasets.market.root=/no/such/Market"]) == 2
+    err = capsys.readouterr().err
+    assert "/no/such/Market does not exist" in err and not out.exists()
+    assert main(["bench", "demo", "attacks.lta.stepz=3", "--out", str(out)]) == 2
+    assert "did you mean 'steps'" in capsys.readouterr().err and not out.exists()

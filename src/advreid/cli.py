@@ -219,7 +219,9 @@ def _print_bench(doc: dict, out: Path) -> None:
 def _cmd_bench(a: argparse.Namespace) -> int:
     from advreid.evaluation.bench import run_bench
 
-    doc, out = run_bench(a.config, a.out, overrides=a.overrides, resume=a.resume, overwrite=a.overwrite,
+    # argparse splits positionals around options: the first word is the config, every other one an override
+    config, *overrides = [*a.config, *a.overrides]
+    doc, out = run_bench(config, a.out, overrides=overrides, resume=a.resume, overwrite=a.overwrite,
                          tables_only=a.tables_only)
     _print_bench(doc, out)
     if not doc["complete"]:
@@ -374,12 +376,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train or reuse the models of a bench config, score every cell of its grid and write "
         "results.json plus the tables (Markdown, CSV). Extra KEY=VALUE arguments override the config, e.g. "
         "datasets.market.root=/data/Market-1501-v15.09.15 settings.max_images=500.")
-    b.add_argument("config", help="bench YAML file or preset name (configs/bench: market_seed, duke_seed, demo)")
+    b.add_argument("config", nargs="+", metavar="CONFIG [KEY=VALUE ...]",
+                   help="bench YAML file or preset name (configs/bench: market_seed, duke_seed, demo), then overrides")
     b.add_argument("--out", default=None, help="output folder (default runs/bench/<name>)")
     b.add_argument("--resume", action="store_true", help="continue an interrupted bench; finished cells are kept")
     b.add_argument("--overwrite", action="store_true", help="start over; the old folder is kept as .old-N")
     b.add_argument("--tables-only", action="store_true", help="rebuild the tables from the finished cells")
-    b.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    b.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=argparse.SUPPRESS)
     b.set_defaults(func=_cmd_bench)
 
     m = sub.add_parser("demo", help="synthetic data -> baseline and JAD models -> attacks -> robustness table",
@@ -397,7 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides given after an option (argparse stops filling positionals at the first option)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

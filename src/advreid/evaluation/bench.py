@@ -426,6 +426,13 @@ def run_bench(
     from advreid.utils.io import prepare_run_dir
 
     cfg = load_bench_config(source, overrides)
+    for key, d in cfg["datasets"].items():  # fail before the output folder is created
+        if d.get("root") is not None and not Path(d["root"]).expanduser().exists():
+            raise FileNotFoundError(f"bench dataset {key!r}: root {d['root']} does not exist "
+                                    f"(override with datasets.{key}.root=PATH)")
+    for key, m in cfg["models"].items():
+        if m.get("run") is not None and not Path(m["run"]).expanduser().is_dir():
+            raise FileNotFoundError(f"bench model {key!r}: run directory {m['run']} does not exist")
     out = Path(out) if out is not None else Path("runs") / "bench" / cfg["name"]
     if tables_only:
         if not (out / "cells").is_dir():
