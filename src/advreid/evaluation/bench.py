@@ -384,13 +384,10 @@ class _Bench:
         if aspec is None:
             res = evaluate_clean(model, ds.query, ds.gallery, side=s["side"], **common)
         else:
-            from advreid.attacks import parse_eps
-
+            budget = _budget(akey, aspec)
             res = evaluate_attack(
-                model, ds.query, ds.gallery, aspec["name"], eps_list=[parse_eps(aspec.get("eps", "5px"),
-                                                                              f"attacks.{akey}.eps")],
-                alpha=None if aspec.get("alpha") is None else parse_eps(aspec["alpha"], f"attacks.{akey}.alpha"),
-                steps=aspec.get("steps"), seed=int(self.cfg["seed"]), attack_params=aspec.get("params"),
+                model, ds.query, ds.gallery, aspec["name"], eps_list=[budget["eps"]], alpha=budget.get("alpha"),
+                steps=budget.get("steps"), seed=int(self.cfg["seed"]), attack_params=aspec.get("params"),
                 side=s["side"], quantize=s["quantize"], reencode=s["reencode"], batch_size=s["batch_size"],
                 adaptive=threat == "adaptive", eot_samples=s["eot_samples"], **common)
         trained_on = (model.checkpoint_meta.get("meta", {}).get("config", {}).get("data", {}).get("root"))
@@ -401,6 +398,18 @@ class _Bench:
                 and Path(trained_on).resolve() != Path(self.dataset_root(dkey)).resolve(),
                 "attack_spec": aspec, "defense_spec": self.cfg["defenses"][fkey],
                 "seconds": round(time.perf_counter() - t0, 3), **res}
+
+
+def _budget(key: str, aspec: dict) -> dict:
+    """``eps`` (default 5px) and, when the attack spec sets them, ``alpha`` / ``steps``, parsed to [0,1] units."""
+    from advreid.attacks import parse_eps
+
+    out: dict[str, Any] = {"eps": parse_eps(aspec.get("eps", "5px"), f"attacks.{key}.eps")}
+    if aspec.get("alpha") is not None:
+        out["alpha"] = parse_eps(aspec["alpha"], f"attacks.{key}.alpha")
+    if aspec.get("steps") is not None:
+        out["steps"] = aspec["steps"]
+    return out
 
 
 def _spec_of(cfg: dict, cell: tuple[str, str, str, str, str]) -> dict:
@@ -651,8 +660,6 @@ def write_tables(tables: list[dict], folder: Path) -> None:
 # -------------------------------------------------------------------------------------------- rank list
 def _ranklist(bench: _Bench, spec: dict) -> Path:
     """A query's top-10 for each configured row (clean / attacked / attacked-but-defended), as JSON and PNG."""
-    from PIL import Image
-
     from advreid.attacks import save_images
     from advreid.data import ImageDataset, build_transforms
     from advreid.defenses.passive import DefendedModel
@@ -696,18 +703,11 @@ def _ranklist(bench: _Bench, spec: dict) -> Path:
         q_img = ImageDataset([ds.query[qi]], tf)[0][0].unsqueeze(0)
         if a is not None and bench.cfg["attacks"][a] is not None:
             aspec = bench.cfg["attacks"][a]
-            from advreid.attacks import parse_eps
-
             attacker = model if (defense is None or threat != "adaptive") else DefendedModel(model, defense)
             params = dict(aspec.get("params") or {})
             if threat == "adaptive" and getattr(defense, "randomized", False):
                 params.setdefault("eot_samples", int(bench.s["eot_samples"]))
-            kw = {"eps": parse_eps(aspec.get("eps", "5px"))}
-            if aspec.get("alpha") is not None:
-                kw["alpha"] = parse_eps(aspec["alpha"])
-            if aspec.get("steps") is not None:
-                kw["steps"] = aspec["steps"]
-            atk = _build(aspec["name"], attacker, seed=int(bench.cfg["seed"]), **kw, **params)
+            atk = _build(aspec["name"], attacker, seed=int(bench.cfg["seed"]), **_budget(a, aspec), **params)
             guides = None
             if getattr(atk, "needs_guides", False):
                 gsrc = guide_set(getattr(atk, "guide_source_default", None), "query")
@@ -730,7 +730,6 @@ def _ranklist(bench: _Bench, spec: dict) -> Path:
         rows.append({"label": r.get("label", f"{m} {f} {a}"), "query": str(q_path),
                      "gallery": [{"path": ds.gallery[j].path, "pid": int(gp[j]), "match": bool(gp[j] == qrec.pid)}
                                  for j in order]})
-        Image.open(q_path).close()
     doc = {"query_index": qi, "query": ds.query[qi].path, "pid": ds.query[qi].pid, "rows": rows}
     atomic_write_json(folder / "ranklist.json", doc)
     png = bench.out / "ranklist.png"
