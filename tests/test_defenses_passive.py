@@ -329,7 +329,7 @@ def test_passive_defenses_preserve_clean_accuracy(blocks_model) -> None:
     ds = build_dataset("market1501", root)
     kw = dict(height=64, width=32, device="cpu")
     bare = evaluate_model(model, ds.query, ds.gallery, **kw)
-    assert bare["mAP"] > 0.9  # a model that really ranks: the comparison means something
+    assert bare["mAP"] > 0.8  # a model that really ranks: the comparison means something
     tf = build_transforms(64, 32, is_train=False)
     q = torch.stack([ImageDataset(list(ds.query), tf)[i][0] for i in range(len(ds.query))])
     with torch.no_grad():

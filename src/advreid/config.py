@@ -119,21 +119,26 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in preset_dir().glob("*.yaml"))
 
 
-def resolve_config_path(name_or_path: str | Path) -> Path:
-    """A file path, or the name of a preset in ``configs/`` (with or without ``.yaml``)."""
+def resolve_config_path(name_or_path: str | Path, folder: Path | None = None) -> Path:
+    """A file path, or the name of a preset in ``folder`` (default ``configs/``; with or without ``.yaml``)."""
+    folder = preset_dir() if folder is None else Path(folder)
     p = Path(name_or_path)
     if p.is_file():
         return p
-    cand = preset_dir() / (p.name if p.suffix == ".yaml" else f"{p.name}.yaml")
+    cand = folder / (p.name if p.suffix == ".yaml" else f"{p.name}.yaml")
     if p.parent == Path(".") and cand.is_file():
         return cand
+    names = sorted(q.stem for q in folder.glob("*.yaml"))
+    close = difflib.get_close_matches(p.stem, names, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigError(
-        f"config {str(name_or_path)!r}: no such file, and not a preset name "
-        f"(presets: {', '.join(list_presets())})"
+        f"config {str(name_or_path)!r}: no such file, and not a preset name{hint} (presets: {', '.join(names)})"
     )
 
 
-def _merge(base: dict, new: dict, where: str, schema: dict | None) -> dict:
+def _merge(base: dict, new: dict, where: str, schema: dict | None,
+           choices: dict[str, tuple] | None = None) -> dict:
+    choices = _CHOICES if choices is None else choices
     out = copy.deepcopy(base)
     for key, val in new.items():
         path = f"{where}{key}"
@@ -145,15 +150,15 @@ def _merge(base: dict, new: dict, where: str, schema: dict | None) -> dict:
         if isinstance(sub_schema, dict):
             if not isinstance(val, dict):
                 raise ConfigError(f"config key {path!r} must be a mapping, got {val!r}")
-            out[key] = _merge(out.get(key, {}), val, f"{path}.", sub_schema)
+            out[key] = _merge(out.get(key, {}), val, f"{path}.", sub_schema, choices)
         else:
-            out[key] = _check_type(path, val, sub_schema)
+            out[key] = _check_type(path, val, sub_schema, choices)
     return out
 
 
-def _check_type(path: str, val: Any, default: Any) -> Any:
-    if path in _CHOICES and val not in _CHOICES[path]:
-        raise ConfigError(f"config key {path!r} = {val!r}; expected one of {', '.join(map(str, _CHOICES[path]))}")
+def _check_type(path: str, val: Any, default: Any, choices: dict[str, tuple]) -> Any:
+    if path in choices and val not in choices[path]:
+        raise ConfigError(f"config key {path!r} = {val!r}; expected one of {', '.join(map(str, choices[path]))}")
     if default is None or val is None:
         return val
     if isinstance(default, bool):
@@ -173,7 +178,8 @@ def _check_type(path: str, val: Any, default: Any) -> Any:
     return val
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A YAML config file as a dict, with its ``_base_`` chain merged in (paths relative to the file, or presets)."""
     path = path.resolve()
     if path in seen:
         raise ConfigError(f"config {path}: _base_ cycle through {' -> '.join(map(str, seen))}")
@@ -188,15 +194,17 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         return data
     base_path = Path(base) if Path(base).is_absolute() else path.parent / base
     if not base_path.is_file():
-        base_path = resolve_config_path(base)
-    parent = _read_yaml(base_path, seen + (path,))
-    return _deep_update(parent, data)
+        local = (path.parent / f"{Path(base).name}.yaml").is_file()  # a sibling preset, else one in configs/
+        base_path = resolve_config_path(base, path.parent if local else None)
+    parent = read_yaml(base_path, seen + (path,))
+    return deep_update(parent, data)
 
 
-def _deep_update(a: dict, b: dict) -> dict:
+def deep_update(a: dict, b: dict) -> dict:
+    """``a`` updated recursively with ``b`` (a new dict; mappings merge, everything else replaces)."""
     out = copy.deepcopy(a)
     for k, v in b.items():
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -224,14 +232,23 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def load_config(source: str | Path | dict | None = None, overrides: list[str] | None = None) -> dict:
-    """Defaults <- YAML file/preset (or dict) <- ``key=value`` overrides, validated against ``DEFAULTS``."""
-    cfg = copy.deepcopy(DEFAULTS)
+def load_config(source: str | Path | dict | None = None, overrides: list[str] | None = None, *,
+                schema: dict[str, Any] | None = None, choices: dict[str, tuple] | None = None,
+                folder: Path | None = None) -> dict:
+    """Defaults <- YAML file/preset (or dict) <- ``key=value`` overrides, validated against ``schema``.
+
+    ``schema`` (default: the training ``DEFAULTS``) gives every key and its default; ``choices`` the allowed values
+    of some keys; ``folder`` where preset names are looked up (default ``configs/``). Other tools (the diffusion
+    model, DMR) pass their own schema and folder: one config system, several schemas.
+    """
+    schema = DEFAULTS if schema is None else schema
+    choices = _CHOICES if choices is None and schema is DEFAULTS else (choices or {})
+    cfg = copy.deepcopy(schema)
     if source is not None:
-        data = source if isinstance(source, dict) else _read_yaml(resolve_config_path(source))
-        cfg = _merge(cfg, data, "", DEFAULTS)
+        data = source if isinstance(source, dict) else read_yaml(resolve_config_path(source, folder))
+        cfg = _merge(cfg, data, "", schema, choices)
     if overrides:
-        cfg = _merge(cfg, parse_overrides(overrides), "", DEFAULTS)
+        cfg = _merge(cfg, parse_overrides(overrides), "", schema, choices)
     return cfg
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from advreid.config import ConfigError, _deep_update, parse_overrides
+from advreid.config import ConfigError, deep_update, parse_overrides
 from advreid.utils.io import atomic_write_json, atomic_write_text
 
 __all__ = ["BENCH_THREATS", "bench_dir", "build_tables", "cell_key", "list_bench_presets", "load_bench_config",
@@ -81,7 +81,7 @@ def load_bench_config(source: str | Path | dict, overrides: Sequence[str] | None
         except yaml.YAMLError as e:
             raise ConfigError(f"bench config {p}: not valid YAML: {e}") from e
     if overrides:
-        cfg = _deep_update(cfg, parse_overrides(list(overrides)))
+        cfg = deep_update(cfg, parse_overrides(list(overrides)))
     _validate(cfg, where)
     return cfg
 
