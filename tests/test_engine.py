@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from tests.conftest import tiny_overrides
 
-from advreid.engine import find_checkpoint, train
-from advreid.models import load_checkpoint
+from advreid.engine import train
+from advreid.models import find_checkpoint, load_checkpoint
 
 
 def _weights(stem):

@@ -77,9 +77,8 @@ def run_eval(run_dir: Path, data: str, dataset: str | None, *, rerank: bool, fli
     import json
 
     from advreid.data import build_dataset
-    from advreid.engine import find_checkpoint
     from advreid.evaluation import evaluate_model
-    from advreid.models import load_checkpoint
+    from advreid.models import find_checkpoint, load_checkpoint
     from advreid.utils.io import atomic_write_json
     from advreid.utils.misc import get_device
 

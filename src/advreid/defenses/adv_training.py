@@ -101,7 +101,7 @@ def resolve_adv(cfg: dict) -> dict | None:
     src_path = Path(str(src)).expanduser().resolve()
     if not src_path.is_dir():
         raise ConfigError(f"config key 'adv.source_run' = {str(src)!r}: no such run directory")
-    from advreid.engine.trainer import find_checkpoint
+    from advreid.models import find_checkpoint
 
     try:
         stem = find_checkpoint(src_path)

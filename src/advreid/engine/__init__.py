@@ -1,6 +1,6 @@
 """Training: the loop, optimisers, schedules, resume and DDP."""
 
 from advreid.engine.optim import build_optimizer, build_scheduler
-from advreid.engine.trainer import TrainResult, find_checkpoint, train
+from advreid.engine.trainer import TrainResult, train
 
-__all__ = ["train", "TrainResult", "find_checkpoint", "build_optimizer", "build_scheduler"]
+__all__ = ["train", "TrainResult", "build_optimizer", "build_scheduler"]

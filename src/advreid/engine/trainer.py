@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -34,11 +33,9 @@ from advreid.data import (
 from advreid.defenses.adv_training import build_goat, prepare_offline_adv, resolve_adv
 from advreid.engine.optim import build_optimizer, build_scheduler
 from advreid.losses import ReIDLoss
-from advreid.models import build_model, read_checkpoint, save_checkpoint
+from advreid.models import build_model, find_checkpoint, read_checkpoint, save_checkpoint
 from advreid.utils.io import append_jsonl, atomic_write_text, prepare_run_dir
 from advreid.utils.misc import get_device
-
-_EPOCH_RE = re.compile(r"^epoch_(\d+)\.json$")
 
 
 @dataclass
@@ -53,19 +50,6 @@ def _dist_info() -> tuple[int, int, int]:
     """(world_size, rank, local_rank) from torchrun's environment (1, 0, 0 when not distributed)."""
     ws = int(os.environ.get("WORLD_SIZE", "1"))
     return ws, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def find_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
-    """Checkpoint stem in ``run_dir/checkpoints``: ``final`` if present (``which='best'``) else the latest epoch."""
-    ck = Path(run_dir) / "checkpoints"
-    if which in ("best", "final") and (ck / "final.json").is_file():
-        return ck / "final"
-    epochs = sorted(int(m.group(1)) for p in ck.glob("epoch_*.json") if (m := _EPOCH_RE.match(p.name)))
-    if not epochs:
-        raise FileNotFoundError(
-            f"no checkpoint in {ck} (expected final.json or epoch_NNN.json written by `advreid train`)"
-        )
-    return ck / f"epoch_{epochs[-1]:03d}"
 
 
 def _rng_state() -> dict:

@@ -556,8 +556,7 @@ def _jsonable(obj: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------------ run_attack
 def _load_run(run_dir: str | os.PathLike, checkpoint: str | None = None) -> tuple[nn.Module, dict]:
-    from advreid.engine import find_checkpoint
-    from advreid.models import load_checkpoint
+    from advreid.models import find_checkpoint, load_checkpoint
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

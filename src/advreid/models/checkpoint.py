@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ FORMAT = "advreid-checkpoint"
 VERSION = 1
 TRAIN_PREFIX = "train_state/"
 _SUFFIXES = (".safetensors", ".json")
+_EPOCH_RE = re.compile(r"^epoch_(\d+)\.json$")
 
 
 class CheckpointError(ValueError):
@@ -41,6 +43,19 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     if p.suffix in _SUFFIXES:
         p = p.with_suffix("")
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+
+
+def find_checkpoint(run_dir: str | Path, which: str = "best") -> Path:
+    """Checkpoint stem in ``run_dir/checkpoints``: ``final`` if present (``which='best'``) else the latest epoch."""
+    ck = Path(run_dir) / "checkpoints"
+    if which in ("best", "final") and (ck / "final.json").is_file():
+        return ck / "final"
+    epochs = sorted(int(m.group(1)) for p in ck.glob("epoch_*.json") if (m := _EPOCH_RE.match(p.name)))
+    if not epochs:
+        raise FileNotFoundError(
+            f"no checkpoint in {ck} (expected final.json or epoch_NNN.json written by `advreid train`)"
+        )
+    return ck / f"epoch_{epochs[-1]:03d}"
 
 
 # ----------------------------------------------------------------------------- train-state (de)flattening
