@@ -1,4 +1,4 @@
-"""Tests for advreid.attacks.lgt: PIL-exact luma, the rectangle sampler in both axis conventions, batch independence."""
+"""Tests for advreid.ops.lgt: PIL-exact luma, the rectangle sampler in both axis conventions, batch independence."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for advreid.attacks.output: 8-bit quantisation, in-memory re-encoding, the seed-compatible path, saving."""
+"""Tests for advreid.ops.output: 8-bit quantisation, in-memory re-encoding, the seed-compatible path, saving."""
 
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ from torch import nn
 from advreid.config import ConfigError
 from advreid.defenses.adv_training import GOATAdversary, goat_guides, offline_adv_dir
 from advreid.engine import train
-from advreid.engine.trainer import batch_generator
 from advreid.models import IMAGENET_STD, build_model, load_checkpoint
+from advreid.ops import batch_generator
 
 EPS = 4 / 255
 

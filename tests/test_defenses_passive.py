@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from tests.conftest import tiny_overrides
 from torch import nn
 
-from advreid.attacks.output import reencode
 from advreid.defenses.passive import (
     JPEG,
     BitDepth,
@@ -19,6 +18,7 @@ from advreid.defenses.passive import (
     build_passive,
     list_passive,
 )
+from advreid.ops import reencode
 
 NAMES = ["bitdepth", "chain", "cs", "cs_jad2", "cs_pil", "cs_random", "jpeg", "p1", "p1p2", "p1p2p1", "p2", "rrp"]
 

@@ -12,8 +12,6 @@ import torchvision.transforms.v2.functional as TF
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageEnhance, ImageOps
 
-from advreid.attacks.base import sample_generators
-from advreid.attacks.lgt import pil_luma, rect_masks, sample_lgt_rects
 from advreid.defenses.proactive import (
     AUTO_AUG_MAGNITUDES,
     AUTO_AUG_POLICIES,
@@ -30,6 +28,7 @@ from advreid.defenses.proactive import (
     local_homogeneous,
     sketch,
 )
+from advreid.ops import pil_luma, rect_masks, sample_generators, sample_lgt_rects
 
 
 def _u8(b: int, h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -154,7 +154,8 @@ def _cmd_attack(a: argparse.Namespace) -> int:
     import yaml
 
     from advreid.attacks import parse_eps
-    from advreid.evaluation.robustness import parse_eps_list, run_attack
+    from advreid.evaluation.robustness import run_attack
+    from advreid.ops import parse_eps_list
     from advreid.reporting import METRIC_COLUMNS, format_table
 
     def one(flag: str, text: str | None) -> float | None:
@@ -162,7 +163,7 @@ def _cmd_attack(a: argparse.Namespace) -> int:
 
     if a.sweep_eps and a.eps is not None:
         raise ValueError("--eps and --sweep-eps exclusive: give one budget or a list")
-    eps_list = parse_eps_list(a.sweep_eps) if a.sweep_eps else [one("--eps", a.eps or "5px")]
+    eps_list = parse_eps_list(a.sweep_eps, "--sweep-eps") if a.sweep_eps else [one("--eps", a.eps or "5px")]
     params = {}
     for item in a.param:
         key, sep, value = item.partition("=")

@@ -12,32 +12,38 @@ from advreid.attacks.base import (
     AttackInputs,
     build,
     list_attacks,
-    parse_eps,
-    per_sample_rand,
-    px,
     register_attack,
-    resolve_steps,
-    sample_generators,
 )
 from advreid.attacks.fna import FNA
 from advreid.attacks.guides import GuideBank, Guides
-from advreid.attacks.lgt import (
-    lgt,
-    linear_luma,
-    local_grayscale,
-    luma,
-    pil_luma,
-    rect_masks,
-    rects_from_uniform,
-    sample_lgt_rects,
-)
 from advreid.attacks.lta import LTA
 from advreid.attacks.metric_fgsm import MetricFGSM, MetricIFGSM
 from advreid.attacks.noise import UniformNoise
 from advreid.attacks.odfa import ODFA
-from advreid.attacks.output import SEED_COMPAT, finalize, output_name, quantize, reencode, save_images, to_uint8
 from advreid.attacks.pgd import FeaturePGD
 from advreid.attacks.sma import SMA
+from advreid.ops import (
+    SEED_COMPAT,
+    finalize,
+    lgt,
+    linear_luma,
+    local_grayscale,
+    luma,
+    output_name,
+    parse_eps,
+    per_sample_rand,
+    pil_luma,
+    px,
+    quantize,
+    rect_masks,
+    rects_from_uniform,
+    reencode,
+    resolve_steps,
+    sample_generators,
+    sample_lgt_rects,
+    save_images,
+    to_uint8,
+)
 
 __all__ = [
     "ATTACKS", "DISTANCES", "FNA", "LTA", "ODFA", "SEED_COMPAT", "SMA", "Attack", "AttackFactory", "AttackInputs",

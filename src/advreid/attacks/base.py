@@ -11,8 +11,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,99 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advreid.ops.budget import parse_eps, resolve_steps
+from advreid.ops.random import per_sample_rand, sample_generators
 from advreid.registry import Registry
 
 DISTANCES = ("mse", "sqeuclidean", "cosine")
 GRAD_NORMS = (None, "mean_abs", "l1")
-STEP_RULES = ("kurakin", "kurakin_round")
-
-
-# ------------------------------------------------------------------------------------------------ budgets
-
-
-def px(n: float) -> float:
-    """``n`` pixels (0..255 scale) in [0,1] units: ``n / 255``."""
-    return float(n) / 255.0
-
-
-def _parse_number(value: str | float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (str, int, float, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a number or a string like '5px' / '5/255' / '0.0196', got {value!r}")
-    if isinstance(value, str):
-        s = value.strip().lower().replace(" ", "")
-        try:
-            if s.endswith("px"):
-                v = float(s[:-2]) / 255.0
-            elif "/" in s:
-                num, den = s.split("/", 1)
-                v = float(num) / float(den)
-            else:
-                v = float(s)
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(f"{name}={value!r} is not a number; expected e.g. 0.0196, '5/255' or '5px'") from None
-    else:
-        v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name}={value!r} must be finite")
-    if v < 0:
-        raise ValueError(f"{name}={value!r} must be >= 0")
-    return v
-
-
-def parse_eps(value: str | float, name: str = "eps") -> float:
-    """A budget in [0,1] units from a float or a string ("5px", "5/255", "0.0196"); values > 1 are refused."""
-    v = _parse_number(value, name)
-    if v > 1:
-        if isinstance(value, str) and value.strip().lower().endswith("px"):
-            raise ValueError(f"{name}={value!r} = {v:.4g} exceeds 1, the whole [0,1] pixel range")
-        n = value.strip() if isinstance(value, str) else f"{float(value):g}"
-        raise ValueError(f"{name}={n} looks like pixel units; budgets are in [0,1] units: "
-                         f"use px({n}) or '{n}px' (= {n}/255)")
-    return v
-
-
-def resolve_steps(steps: int | str, eps: float) -> int:
-    """An iteration count, or a rule: "kurakin" = int(min(eps_px+4, 1.25 eps_px)) (Bai), "kurakin_round" = round()."""
-    if isinstance(steps, str) and steps.strip().lower() in STEP_RULES:
-        e = round(eps * 255.0, 6)
-        t = min(e + 4.0, 1.25 * e)
-        return int(t) if steps.strip().lower() == "kurakin" else int(round(t))
-    try:
-        if isinstance(steps, bool):
-            raise ValueError
-        n = int(steps)
-        if isinstance(steps, float) and n != steps:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ValueError(f"steps={steps!r} must be an int >= 0 or one of {STEP_RULES}") from None
-    if n < 0:
-        raise ValueError(f"steps={steps!r} must be >= 0")
-    return n
-
-
-# ------------------------------------------------------------------------------------------- random streams
-
-
-def sample_generators(seed: int, index: torch.Tensor | Sequence[int], stream: str | int = 0) -> list[torch.Generator]:
-    """One CPU generator per sample, seeded from ``(seed, index[i], stream)`` (independent of batch composition)."""
-    sid = zlib.crc32(stream.encode()) if isinstance(stream, str) else int(stream)
-    ids = index.tolist() if isinstance(index, torch.Tensor) else list(index)
-    gens = []
-    for i in ids:
-        state = np.random.SeedSequence([int(seed), int(i), sid]).generate_state(2, dtype=np.uint32)
-        g = torch.Generator()
-        g.manual_seed((int(state[0]) << 31) ^ int(state[1]))
-        gens.append(g)
-    return gens
-
-
-def per_sample_rand(generators: Sequence[torch.Generator], shape: Sequence[int], *, dtype: torch.dtype,
-                    device: torch.device | str = "cpu", normal: bool = False) -> torch.Tensor:
-    """(B, *shape) uniform [0,1) (or standard normal) values, sample i drawn from ``generators[i]``."""
-    fn = torch.randn if normal else torch.rand
-    if not generators:
-        return torch.empty((0, *shape), dtype=dtype, device=device)
-    return torch.stack([fn(tuple(shape), generator=g, dtype=dtype) for g in generators]).to(device)
 
 
 # --------------------------------------------------------------------------------------------- the class

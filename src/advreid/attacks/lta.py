@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from advreid.attacks.base import Attack, AttackInputs, register_attack
-from advreid.attacks.lgt import LUMA_MODES, RECT_MODES, _check_params, local_grayscale, luma, sample_lgt_rects
+from advreid.ops.lgt import LUMA_MODES, RECT_MODES, check_lgt_params, local_grayscale, luma, sample_lgt_rects
 
 ReferenceFn = Callable[[torch.Tensor, Sequence[torch.Generator]], torch.Tensor]
 
@@ -34,7 +34,7 @@ class LTA(Attack):
         super().__init__(model, eps, alpha, steps, momentum=momentum, grad_norm=grad_norm, **kwargs)
         if rect_mode not in RECT_MODES:
             raise ValueError(f"rect_mode={rect_mode!r} is not supported; expected one of {RECT_MODES}")
-        _check_params(sl, sh, r1, rect_mode, 1.0, 1)
+        check_lgt_params(sl, sh, r1, rect_mode, 1.0, 1)
         if luma not in LUMA_MODES:
             raise ValueError(f"luma={luma!r} is not supported; expected one of {LUMA_MODES}")
         if reference_fn is not None and not callable(reference_fn):

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from advreid.attacks.base import Attack, per_sample_rand, register_attack
+from advreid.attacks.base import Attack, register_attack
+from advreid.ops import per_sample_rand
 
 
 class UniformNoise(Attack):

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from advreid.attacks.base import Attack, AttackInputs, per_sample_rand, register_attack
+from advreid.attacks.base import Attack, AttackInputs, register_attack
+from advreid.ops import per_sample_rand
 
 STARTS = ("sign", "clean")
 

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from advreid.attacks.base import AttackInputs, _parse_number, parse_eps, per_sample_rand, register_attack
+from advreid.attacks.base import AttackInputs, register_attack
 from advreid.attacks.metric_fgsm import MetricIFGSM
+from advreid.ops import parse_eps, parse_number, per_sample_rand
 
 OBJECTIVES = ("self_shift", "guided")
 NORMS = ("linf", "l2")
@@ -52,7 +53,7 @@ class FeaturePGD(MetricIFGSM):
         self.restarts = int(restarts)
 
     def _parse_budget(self, value: float | str, name: str) -> float:
-        return _parse_number(value, name) if self.norm == "l2" else parse_eps(value, name)
+        return parse_number(value, name) if self.norm == "l2" else parse_eps(value, name)
 
     def _extra_params(self) -> dict[str, Any]:
         extra = {"objective": self.objective, "norm": self.norm, "restarts": self.restarts}

@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from advreid.attacks.base import parse_eps
 from advreid.config import ConfigError
 from advreid.data import ImageDataset, Record, build_transforms
+from advreid.ops import parse_eps
 
 __all__ = [
     "ADV_METHODS",

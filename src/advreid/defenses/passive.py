@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advreid.attacks.output import quantize as quantize_8bit
-from advreid.attacks.output import reencode
+from advreid.ops import quantize as quantize_8bit
+from advreid.ops import reencode
 from advreid.registry import Registry
 
 Size = tuple[int, int]

@@ -41,8 +41,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import nn
 
-from advreid.attacks.base import per_sample_rand
-from advreid.attacks.lgt import RECT_MODES, lgt, pil_luma, rect_masks, sample_lgt_rects
+from advreid.ops import RECT_MODES, lgt, per_sample_rand, pil_luma, rect_masks, sample_lgt_rects
 from advreid.registry import Registry
 
 Generators = torch.Generator | Sequence[torch.Generator] | None

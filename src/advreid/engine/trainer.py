@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import random
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from advreid.defenses.adv_training import build_goat, prepare_offline_adv, resol
 from advreid.engine.optim import build_optimizer, build_scheduler
 from advreid.losses import ReIDLoss
 from advreid.models import build_model, find_checkpoint, read_checkpoint, save_checkpoint
+from advreid.ops import batch_generator
 from advreid.utils.io import append_jsonl, atomic_write_text, prepare_run_dir
 from advreid.utils.misc import get_device
 
@@ -95,17 +95,6 @@ def _model_kwargs(mcfg: dict) -> dict:
 def _log(msg: str, rank: int) -> None:
     if rank == 0:
         print(msg, flush=True)
-
-
-def batch_generator(seed: int, epoch: int, step: int, rank: int, stream: str) -> torch.Generator:
-    """A CPU generator for one training step's random draws of one hook (``stream``: "proactive", "goat"),
-    seeded from (seed, epoch, step, rank, stream) only, so a resumed run draws exactly what a straight run does."""
-    mask = 2**64 - 1
-    ss = np.random.SeedSequence([int(seed) & mask, int(epoch), int(step), int(rank), zlib.crc32(stream.encode())])
-    s0, s1 = (int(v) for v in ss.generate_state(2, dtype=np.uint32))
-    g = torch.Generator()
-    g.manual_seed((s0 << 32) | s1)
-    return g
 
 
 def _build_proactive(dcfg: dict) -> torch.nn.Module | None:

@@ -8,7 +8,6 @@ evaluation. :func:`run_attack` is what ``advreid attack`` calls: it loads run di
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from torch import nn
 from advreid.data import ImageDataset, Record, build_transforms
 from advreid.evaluation.evaluator import evaluate_features
 from advreid.evaluation.features import embed, extract_features
+from advreid.ops import eps_label, parse_eps_list
 
 __all__ = [
     "AttackOutput",
@@ -50,33 +50,6 @@ def eval_protocol(model: nn.Module) -> dict[str, Any]:
     return {"metric": ecfg.get("metric", "cosine"), "normalize": bool(ecfg.get("normalize", True)),
             "flip": bool(ecfg.get("flip", False)), "ap": ecfg.get("ap", "standard"),
             "batch_size": int(ecfg.get("batch_size", 128)), "height": int(h), "width": int(w)}
-
-
-def parse_eps_list(text: str, flag: str = "--sweep-eps") -> list[float]:
-    """``"1px,2px,4px"`` or ``"0.004,0.008"`` -> eps values in [0,1] units (same grammar as ``--eps``)."""
-    from advreid.attacks import parse_eps
-
-    items = [s.strip() for s in str(text).split(",") if s.strip()]
-    if not items:
-        raise ValueError(f"{flag} {text!r}: empty list; expected e.g. 1px,2px,4px,8px")
-    out = []
-    for s in items:
-        try:
-            out.append(float(parse_eps(s, flag)))
-        except ValueError as e:
-            hint = ""
-            if _is_number(s) and float(s) > 1:
-                hint = "; for the whole list: " + ",".join(f"{t}px" if _is_number(t) else t for t in items)
-            raise ValueError(f"{_one_line(e)}{hint}") from None
-    return out
-
-
-def _is_number(s: str) -> bool:
-    try:
-        float(s)
-    except ValueError:
-        return False
-    return True
 
 
 def _one_line(e: BaseException) -> str:
@@ -307,7 +280,7 @@ def evaluate_attack(
     calls on the same model, data and protocol) keeps clean features and guide banks between calls;
     ``keep_features`` returns the attacked side's features under ``"features"`` (one tensor per eps).
     """
-    from advreid.attacks.output import parse_format
+    from advreid.ops import parse_format
 
     if side is not None and side not in SIDES:
         raise ValueError(f"side={side!r}; expected one of {', '.join(SIDES)}")
@@ -403,11 +376,11 @@ def evaluate_attack(
         atk = probe if k == 0 else make(eps)
         sdir = None
         if save_dir is not None:
-            sdir = Path(save_dir) if len(eps_list) == 1 else Path(save_dir) / f"eps_{_eps_label(eps)}"
+            sdir = Path(save_dir) if len(eps_list) == 1 else Path(save_dir) / f"eps_{eps_label(eps)}"
         out = attack_dataset(attacker, atk, attacked, guides=guides, indices=sub, eval_model=eval_model, flip=flip,
                              normalize=normalize, batch_size=batch_size, height=height, width=width, device=device,
                              finalize_kw=fkw, keep_images=keep_images, save_dir=sdir, save_fmt=save_fmt,
-                             num_workers=num_workers, progress=progress, desc=f"{attack} eps={_eps_label(eps)}")
+                             num_workers=num_workers, progress=progress, desc=f"{attack} eps={eps_label(eps)}")
         feats = dict(clean)
         feats[side] = (out.features, out.pids, out.camids)
         attacked_metrics = _score(*feats["query"], *feats["gallery"], metric=metric, ap=ap, rerank=rerank)
@@ -535,11 +508,6 @@ def _check_finalize(quantize: str | None, reencode: str | None) -> None:
 
 def _opt(**kw: Any) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
-
-
-def _eps_label(eps: float) -> str:
-    px = eps * 255
-    return f"{round(px)}px" if math.isclose(px, round(px), abs_tol=1e-6) else f"{px:.3g}px"
 
 
 def _jsonable(obj: Any) -> Any:

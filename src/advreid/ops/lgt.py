@@ -50,7 +50,8 @@ def _check_rgb(x: torch.Tensor) -> None:
         raise ValueError(f"expected float images (B,3,H,W) in [0,1], got {desc}")
 
 
-def _check_params(sl: float, sh: float, r1: float, mode: str, p: float, attempts: int) -> None:
+def check_lgt_params(sl: float, sh: float, r1: float, mode: str, p: float, attempts: int) -> None:
+    """Validate LGT rectangle-sampler settings (one-line ValueError naming the bad one)."""
     if not 0 < sl <= sh <= 1:
         raise ValueError(f"LGT area fractions must satisfy 0 < sl <= sh <= 1, got sl={sl}, sh={sh}")
     if not 0 < r1 <= 1:
@@ -71,7 +72,7 @@ def rects_from_uniform(u: torch.Tensor, height: int, width: int, *, sl: float = 
     ratio and the two offsets, as the reference's ``uniform``/``uniform``/``randint``/``randint``. The first
     accepted attempt wins; none accepted or skipped -> ``(0, 0, 0, 0)``.
     """
-    _check_params(sl, sh, r1, mode, p, 1)
+    check_lgt_params(sl, sh, r1, mode, p, 1)
     if (u.shape[-1] - 1) % 4 or u.shape[-1] < 5:
         raise ValueError(f"u must have 1 + 4*attempts entries in its last dim, got {u.shape[-1]}")
     u = u.double()
@@ -118,7 +119,7 @@ def sample_lgt_rects(batch: int, height: int, width: int, generators: Generators
     batch, or None (global RNG). ``mode``: "reference" (the seed's mixed axes, patch may be cut at the border) or
     "random_erasing" (the intended axes, the patch always fits).
     """
-    _check_params(sl, sh, r1, mode, p, attempts)
+    check_lgt_params(sl, sh, r1, mode, p, attempts)
     if batch < 0 or height < 1 or width < 1:
         raise ValueError(f"need batch >= 0 and a positive image size, got B={batch}, H={height}, W={width}")
     n = 1 if draws is None else int(draws)
