@@ -52,7 +52,7 @@ def test_build_passive_none_and_errors() -> None:
     assert build_passive(None) is None and build_passive("none") is None and build_passive("None") is None
     with pytest.raises(KeyError, match="unknown passive defense 'nope'.*bitdepth, chain, cs"):
         build_passive("nope")
-    with pytest.raises(ValueError, match=r"'jiter' \(did you mean 'jitter'\?\).*valid: \[.*'jitter'"):
+    with pytest.raises(ValueError, match=r"'jiter' \(did you mean 'jitter'\?\).*allowed: \[.*'jitter'"):
         build_passive("cs", {"jiter": 0.1})
     with pytest.raises(ValueError, match="quality=0 must be an int in 1..100"):
         build_passive("jpeg", {"quality": 0})

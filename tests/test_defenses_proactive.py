@@ -361,7 +361,7 @@ def test_presets_and_build_proactive() -> None:
 def test_build_proactive_errors() -> None:
     with pytest.raises(KeyError, match="reference"):
         build_proactive("jadd")
-    with pytest.raises(ValueError, match=r"lhtt.*valid"):
+    with pytest.raises(ValueError, match=r"lhtt.*allowed"):
         build_proactive("reference", {"lhtt": 0.1})
     with pytest.raises(ValueError, match="proactive_params"):
         build_proactive(None, {"lht": 0.1})

@@ -8,7 +8,6 @@ from advreid.attacks.base import (
     ATTACKS,
     DISTANCES,
     Attack,
-    AttackFactory,
     AttackInputs,
     build,
     list_attacks,
@@ -46,7 +45,7 @@ from advreid.ops import (
 )
 
 __all__ = [
-    "ATTACKS", "DISTANCES", "FNA", "LTA", "ODFA", "SEED_COMPAT", "SMA", "Attack", "AttackFactory", "AttackInputs",
+    "ATTACKS", "DISTANCES", "FNA", "LTA", "ODFA", "SEED_COMPAT", "SMA", "Attack", "AttackInputs",
     "FeaturePGD", "GuideBank", "Guides", "MetricFGSM", "MetricIFGSM", "UniformNoise", "build", "finalize", "lgt",
     "linear_luma", "list_attacks", "local_grayscale", "luma", "output_name", "parse_eps", "per_sample_rand",
     "pil_luma", "px", "quantize", "rect_masks", "rects_from_uniform", "reencode", "register_attack",

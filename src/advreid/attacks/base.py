@@ -8,8 +8,6 @@ depend on its batch-mates.
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +20,7 @@ from torch import nn
 
 from advreid.ops.budget import parse_eps, resolve_steps
 from advreid.ops.random import per_sample_rand, sample_generators
-from advreid.registry import Registry
+from advreid.registry import Preset, Registry
 
 DISTANCES = ("mse", "sqeuclidean", "cosine")
 GRAD_NORMS = (None, "mean_abs", "l1")
@@ -308,45 +306,7 @@ class Attack:
 # ------------------------------------------------------------------------------------------------ registry
 
 
-class AttackFactory:
-    """A registered attack: its class plus the defaults of a preset; builds with unknown-parameter checks."""
-
-    def __init__(self, cls: type[Attack], name: str, defaults: dict[str, Any] | None = None) -> None:
-        self.cls = cls
-        self.name = name
-        self.defaults = dict(defaults or {})
-        bad = sorted(set(self.defaults) - self.allowed())
-        if bad:
-            raise TypeError(f"preset {name!r}: {cls.__name__} has no parameter(s) {bad}")
-
-    def allowed(self) -> set[str]:
-        """Constructor keyword names accepted along the class's ``__init__`` chain."""
-        names: set[str] = set()
-        for klass in self.cls.__mro__:
-            if "__init__" not in vars(klass):
-                continue
-            sig = inspect.signature(klass.__init__)
-            for p in list(sig.parameters.values())[2:]:  # skip self, model
-                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
-                    names.add(p.name)
-            if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-                break
-        return names
-
-    def __call__(self, model: nn.Module, **params: Any) -> Attack:
-        allowed = self.allowed()
-        bad = sorted(set(params) - allowed)
-        if bad:
-            hints = [f"{b!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(b, allowed, 1)) else repr(b)
-                     for b in bad]
-            raise TypeError(f"attack {self.name!r}: unknown parameter(s) {', '.join(hints)}; "
-                            f"allowed: {sorted(allowed)}")
-        attack = self.cls(model, **{**self.defaults, **params})
-        attack.name = self.name
-        return attack
-
-
-ATTACKS: Registry[AttackFactory] = Registry("attack")
+ATTACKS: Registry[Preset] = Registry("attack")
 
 
 def register_attack(name: str, cls: type[Attack] | None = None, *, overwrite: bool = False,
@@ -358,12 +318,13 @@ def register_attack(name: str, cls: type[Attack] | None = None, *, overwrite: bo
             return c
 
         return deco
-    ATTACKS.register(name, AttackFactory(cls, name, defaults), overwrite=overwrite)
+    ATTACKS.add_preset(name, cls, skip=1, overwrite=overwrite, **defaults)
     return cls
 
 
 def build(name: str, model: nn.Module, **params: Any) -> Attack:
-    """Build a registered attack (``list_attacks()``) on ``model``; an unknown parameter raises TypeError."""
+    """Build a registered attack (``list_attacks()``) on ``model``; an unknown name or parameter raises
+    :class:`~advreid.registry.RegistryError` (a KeyError / ValueError / TypeError) with "did you mean"."""
     return ATTACKS.get(name)(model, **params)
 
 

@@ -9,8 +9,6 @@ Build by name with ``build_passive("cs")``; ``list_passive()`` names them all.
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,7 +19,7 @@ from torch import nn
 
 from advreid.ops import quantize as quantize_8bit
 from advreid.ops import reencode
-from advreid.registry import Registry
+from advreid.registry import Preset, Registry
 
 Size = tuple[int, int]
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
@@ -325,33 +323,6 @@ class Chain(Preprocess):
 # ------------------------------------------------------------------------------------------------ registry
 
 
-class PassiveFactory:
-    """A registered passive defense: a builder plus the defaults of a preset; checks parameter names."""
-
-    def __init__(self, name: str, cls: type[Preprocess], defaults: dict[str, Any] | None = None,
-                 build: Callable[..., Preprocess] | None = None) -> None:
-        self.name, self.cls, self.defaults = name, cls, dict(defaults or {})
-        self._build = build or cls
-
-    def allowed(self) -> list[str]:
-        """The preset's parameter names (the constructor's keywords)."""
-        sig = inspect.signature(self._build)
-        return sorted(p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-
-    def __call__(self, params: dict[str, Any] | None = None) -> Preprocess:
-        params = dict(params or {})
-        allowed = self.allowed()
-        bad = sorted(set(params) - set(allowed))
-        if bad:
-            hints = [f"{b!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(b, allowed, 1)) else repr(b)
-                     for b in bad]
-            raise ValueError(f"passive defense {self.name!r}: unknown parameter(s) {', '.join(hints)}; "
-                             f"valid: {allowed}")
-        module = self._build(**{**self.defaults, **params})
-        module.name = self.name
-        return module
-
-
 def _build_chain(modules: Sequence[dict[str, Any] | Preprocess] = ()) -> Chain:
     parts = []
     for i, m in enumerate(modules):
@@ -365,13 +336,13 @@ def _build_chain(modules: Sequence[dict[str, Any] | Preprocess] = ()) -> Chain:
     return Chain(*parts)
 
 
-PASSIVE: Registry[PassiveFactory] = Registry("passive defense")
+PASSIVE: Registry[Preset] = Registry("passive defense")
 
 
 def register_passive(name: str, cls: type[Preprocess], *, build: Callable[..., Preprocess] | None = None,
                      overwrite: bool = False, **defaults: Any) -> None:
     """Register ``cls`` under ``name`` with preset ``defaults`` for its constructor."""
-    PASSIVE.register(name, PassiveFactory(name, cls, defaults, build), overwrite=overwrite)
+    PASSIVE.add_preset(name, build or cls, overwrite=overwrite, **defaults)
 
 
 def build_passive(name: str | None, params: dict[str, Any] | None = None) -> Preprocess | None:
@@ -385,7 +356,7 @@ def build_passive(name: str | None, params: dict[str, Any] | None = None) -> Pre
         return None
     if params is not None and not isinstance(params, dict):
         raise ValueError(f"params must be a dict of constructor arguments, got {type(params).__name__}")
-    return PASSIVE.get(str(name).strip())(params)
+    return PASSIVE.get(str(name).strip())(**(params or {}))
 
 
 def list_passive() -> list[str]:

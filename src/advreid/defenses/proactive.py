@@ -31,10 +31,9 @@ Decisions (spec section 4):
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -42,7 +41,7 @@ import torchvision.transforms.v2.functional as TF
 from torch import nn
 
 from advreid.ops import RECT_MODES, lgt, per_sample_rand, pil_luma, rect_masks, sample_lgt_rects
-from advreid.registry import Registry
+from advreid.registry import Preset, Registry
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -586,36 +585,16 @@ class ProactiveDefense(nn.Module):
 # ---------------------------------------------------------------------------------------- presets, registry
 
 
-class ProactivePreset:
-    """A named builder: a transform class plus preset keyword arguments, which ``params`` may override."""
-
-    def __init__(self, cls: Callable[..., nn.Module], name: str, **defaults: Any) -> None:
-        self.cls, self.name, self.defaults = cls, name, defaults
-
-    def allowed(self) -> list[str]:
-        sig = inspect.signature(self.cls.__init__)
-        return sorted(n for n, p in sig.parameters.items()
-                      if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
-
-    def __call__(self, **params: Any) -> nn.Module:
-        allowed = self.allowed()
-        bad = sorted(set(params) - set(allowed))
-        if bad:
-            raise ValueError(f"proactive preset {self.name!r}: unknown parameter(s) {bad}; valid: {allowed}")
-        return self.cls(**{**self.defaults, **params})
-
-
-PROACTIVE: Registry[ProactivePreset] = Registry("proactive defense")
+PROACTIVE: Registry[Preset] = Registry("proactive defense")
 
 _REFERENCE = {"gray": 0.05, "gray_rgb": 0.01, "sketch_rgb": 0.01, "aug": 0.05, "lht": 0.10}
-_reference = ProactivePreset(ProactiveDefense, "reference", **_REFERENCE)
-for _alias in ("reference", "jad", "dl"):
+_reference = PROACTIVE.add_preset("reference", ProactiveDefense, **_REFERENCE)
+for _alias in ("jad", "dl"):
     PROACTIVE.register(_alias, _reference)
-PROACTIVE.register("paper", ProactivePreset(ProactiveDefense, "paper", **{**_REFERENCE, "gray_rgb": 0.025,
-                                                                          "sketch_rgb": 0.025}))
-PROACTIVE.register("no_lht", ProactivePreset(ProactiveDefense, "no_lht", **{**_REFERENCE, "lht": 0.0}))
-PROACTIVE.register("cf", ProactivePreset(ProactiveDefense, "cf", **{**_REFERENCE, "aug": 0.0, "lht": 0.0}))
-PROACTIVE.register("lgt", ProactivePreset(LocalGrayscale, "lgt", p=0.4))
+PROACTIVE.add_preset("paper", ProactiveDefense, **{**_REFERENCE, "gray_rgb": 0.025, "sketch_rgb": 0.025})
+PROACTIVE.add_preset("no_lht", ProactiveDefense, **{**_REFERENCE, "lht": 0.0})
+PROACTIVE.add_preset("cf", ProactiveDefense, **{**_REFERENCE, "aug": 0.0, "lht": 0.0})
+PROACTIVE.add_preset("lgt", LocalGrayscale, p=0.4)
 
 
 def build_proactive(name: str | None, params: dict[str, Any] | None = None) -> nn.Module | None:

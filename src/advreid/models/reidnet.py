@@ -6,7 +6,6 @@ embedding only (not L2-normalised: evaluation decides normalisation).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,13 @@ from torch import nn
 
 from advreid.models.backbones import BACKBONES, build_backbone, build_pooling
 from advreid.models.pretrained import load_pretrained_backbone
-from advreid.registry import Registry
+from advreid.registry import Preset, Registry, RegistryError, did_you_mean
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 HEADS: Registry[Callable[..., nn.Module]] = Registry("head")
-MODELS: Registry[Callable[[], dict[str, Any]]] = Registry("model")
+MODELS: Registry[Preset] = Registry("model")
 
 
 # ------------------------------------------------------------------------------------------------ heads
@@ -214,19 +213,17 @@ class ReIDNet(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- presets
 
-MODELS.register("bot_r50", lambda: {"backbone": "resnet50", "last_stride": 1, "pooling": "avg",
-                                    "head": "bnneck", "neck_feat": "after"})
-MODELS.register("bot_r50_ibn", lambda: {"backbone": "resnet50_ibn_a", "last_stride": 1, "pooling": "avg",
-                                        "head": "bnneck", "neck_feat": "after"})
-MODELS.register("layumi_r50", lambda: {"backbone": "resnet50", "last_stride": 2, "pooling": "avg",
-                                       "head": "bottleneck", "embed_dim": 512, "dropout": 0.5,
-                                       "neck_feat": "after"})
-MODELS.register("layumi_densenet121", lambda: {"backbone": "densenet121", "last_stride": 2, "pooling": "avg",
-                                               "head": "bottleneck", "embed_dim": 512, "dropout": 0.5,
-                                               "neck_feat": "after"})
-MODELS.register("resnet18", lambda: {"backbone": "resnet18", "last_stride": 1, "pooling": "avg",
-                                     "head": "bnneck"})
-MODELS.register("cnn4", lambda: {"backbone": "cnn4", "last_stride": 2, "pooling": "avg", "head": "bnneck"})
+_MODEL = {"exclude": ("num_classes",), "pretrained": False}  # every preset: random init unless asked
+MODELS.add_preset("bot_r50", ReIDNet, backbone="resnet50", last_stride=1, pooling="avg", head="bnneck",
+                  neck_feat="after", **_MODEL)
+MODELS.add_preset("bot_r50_ibn", ReIDNet, backbone="resnet50_ibn_a", last_stride=1, pooling="avg", head="bnneck",
+                  neck_feat="after", **_MODEL)
+MODELS.add_preset("layumi_r50", ReIDNet, backbone="resnet50", last_stride=2, pooling="avg", head="bottleneck",
+                  embed_dim=512, dropout=0.5, neck_feat="after", **_MODEL)
+MODELS.add_preset("layumi_densenet121", ReIDNet, backbone="densenet121", last_stride=2, pooling="avg",
+                  head="bottleneck", embed_dim=512, dropout=0.5, neck_feat="after", **_MODEL)
+MODELS.add_preset("resnet18", ReIDNet, backbone="resnet18", last_stride=1, pooling="avg", head="bnneck", **_MODEL)
+MODELS.add_preset("cnn4", ReIDNet, backbone="cnn4", last_stride=2, pooling="avg", head="bnneck", **_MODEL)
 
 _NATIVE_LAST_STRIDE = {"densenet121": 2}
 
@@ -234,21 +231,18 @@ _NATIVE_LAST_STRIDE = {"densenet121": 2}
 def build_model(name: str, num_classes: int, **overrides: Any) -> ReIDNet:
     """Build a preset (``bot_r50``, ``layumi_r50``, ``cnn4``, ...) or any backbone name.
 
-    ``pretrained`` is False unless overridden; an unknown override raises TypeError naming it.
+    ``pretrained`` is False unless overridden; an unknown name or override raises
+    :class:`~advreid.registry.RegistryError` naming it.
     """
-    allowed = set(inspect.signature(ReIDNet.__init__).parameters) - {"self", "num_classes"}
-    bad = sorted(set(overrides) - allowed)
-    if bad:
-        raise TypeError(f"build_model({name!r}): unknown override(s) {bad}; allowed: {sorted(allowed)}")
     if name in MODELS:
-        kwargs = dict(MODELS.get(name)())
+        preset = MODELS.get(name)
     elif name in BACKBONES:
-        kwargs = {"backbone": name.lower()}
+        defaults = {"backbone": name.lower(), "pretrained": False}
         if name.lower() in _NATIVE_LAST_STRIDE:
-            kwargs["last_stride"] = _NATIVE_LAST_STRIDE[name.lower()]
+            defaults["last_stride"] = _NATIVE_LAST_STRIDE[name.lower()]
+        preset = Preset("model", name, ReIDNet, defaults, exclude=("num_classes",))
     else:
-        raise KeyError(f"unknown model {name!r}; expected a preset ({', '.join(MODELS.names())}) "
-                       f"or a backbone ({', '.join(BACKBONES.names())})")
-    kwargs.setdefault("pretrained", False)
-    kwargs.update(overrides)
-    return ReIDNet(num_classes=num_classes, **kwargs)
+        raise RegistryError(f"unknown model {name!r}{did_you_mean(name, MODELS.names() + BACKBONES.names())}; "
+                            f"expected a preset ({', '.join(MODELS.names())}) or a backbone "
+                            f"({', '.join(BACKBONES.names())})")
+    return ReIDNet(num_classes=num_classes, **preset.resolve(overrides))
