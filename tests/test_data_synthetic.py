@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from advreid.data import synthetic
-from advreid.data.synthetic import META_NAME, generate_synthetic
+from advreid.data.synthetic import META_NAME, SynthConfig, generate_synthetic, parse_imbalance, zipf_counts
 
 MARKET_RE = re.compile(r"([-\d]+)_c(\d)")
 NAME_RE = re.compile(r"^(-1|\d{4})_c(\d)s([1-6])_(\d{6})_(\d{2})\.jpg$")
@@ -73,6 +73,54 @@ def test_layout_names_and_meta(ds: Path) -> None:
     assert c["query_images"] == len(list((ds / "query").iterdir()))
     assert c["gallery_images"] == len(list((ds / "bounding_box_test").iterdir()))
     assert not list(ds.parent.glob(".synth*")), "temporary build folders left behind"
+
+
+def test_default_meta_records_unbiased_options(ds: Path) -> None:
+    meta = json.loads((ds / META_NAME).read_text())
+    assert meta["params"]["imbalance"] == "none" == SynthConfig().imbalance
+    assert meta["params"]["camera_bias"] == 0.0 == SynthConfig().camera_bias
+    assert meta["train_bias"] == {"imbalance": {"kind": "none"}, "camera_bias": 0.0, "applies_to": "train"}
+    assert not SynthConfig().biased
+
+
+def test_parse_imbalance_and_zipf_counts() -> None:
+    assert parse_imbalance("none") is None and parse_imbalance(" NONE ") is None
+    assert parse_imbalance("zipf:1.2") == (1.2, 2, 60)
+    assert parse_imbalance("Zipf:0.5:3:40") == (0.5, 3, 40)
+    # r^-1 over 3 ranks: (1/r - 1/3) / (2/3) = 1, 1/4, 0 -> 2 + 8 * that
+    assert zipf_counts(3, 1.0, 2, 10).tolist() == [10, 4, 2]
+    assert zipf_counts(1, 1.2, 2, 60).tolist() == [60]
+    c = zipf_counts(100, 1.2, 2, 60)
+    assert c[0] == 60 and c[-1] == 2 and np.all(np.diff(c) <= 0)
+
+
+def test_imbalance_keeps_names_and_cross_camera_positives(tmp_path: Path) -> None:
+    root = generate_synthetic(tmp_path / "z", seed=3, imbalance="zipf:1.5:2:12", camera_bias=0.6, **SMALL)
+    train = _parse(root, "bounding_box_train")
+    assert all(NAME_RE.match(n) for n, _, _ in train)
+    per_id: dict[int, list[int]] = defaultdict(list)
+    for _, p, c in train:
+        per_id[p].append(c)
+    assert sorted(len(v) for v in per_id.values()) == sorted(zipf_counts(8, 1.5, 2, 12).tolist())
+    assert all(len(set(v)) >= 2 for v in per_id.values())
+    meta = json.loads((root / META_NAME).read_text())
+    assert meta["counts"]["train_images"] == len(train) == int(zipf_counts(8, 1.5, 2, 12).sum())
+
+
+def test_camera_bias_wraps_the_box_field_beyond_99_images(tmp_path: Path) -> None:
+    """A dominant camera holding >= 100 images of one identity still gets unique two-digit Market names."""
+    kw = dict(num_train_ids=2, num_test_ids=1, num_cams=6, images_per_id_per_cam=(40, 40), height=32, width=16,
+              num_distractors=0, num_junk=0, seed=0, camera_bias=0.95)
+    root = generate_synthetic(tmp_path / "w", **kw)
+    train = _parse(root, "bounding_box_train")
+    assert all(NAME_RE.match(n) for n, _, _ in train)
+    per_cam = defaultdict(int)
+    for _, p, c in train:
+        per_cam[(p, c)] += 1
+    assert max(per_cam.values()) >= 100  # the wrap-around case really occurs with this seed
+    assert len({n for n, _, _ in train}) == len(train) == json.loads((root / META_NAME).read_text())["counts"][
+        "train_images"
+    ]
 
 
 def test_images_are_rgb_of_requested_size(ds: Path) -> None:
@@ -246,6 +294,20 @@ def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.Monke
         ({"seed": -1}, "seed"),
         ({"jpeg_quality": 101}, "jpeg_quality"),
         ({"num_cams": 2.5}, "num_cams"),
+        ({"imbalance": "zipf"}, "imbalance"),
+        ({"imbalance": "zipf:0"}, "imbalance"),
+        ({"imbalance": "zipf:-1"}, "imbalance"),
+        ({"imbalance": "zipf:nan"}, "imbalance"),
+        ({"imbalance": "zipf:1.2:1:60"}, "imbalance"),
+        ({"imbalance": "zipf:1.2:10:5"}, "imbalance"),
+        ({"imbalance": "zipf:1.2:2:100"}, "imbalance"),
+        ({"imbalance": "zipf:1.2:2"}, "imbalance"),
+        ({"imbalance": "pareto:1.2"}, "imbalance"),
+        ({"imbalance": 1.2}, "imbalance"),
+        ({"camera_bias": 1.0}, "camera_bias"),
+        ({"camera_bias": -0.1}, "camera_bias"),
+        ({"camera_bias": True}, "camera_bias"),
+        ({"camera_bias": "0.5"}, "camera_bias"),
     ],
 )
 def test_validation(tmp_path: Path, kwargs: dict, match: str) -> None:

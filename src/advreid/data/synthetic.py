@@ -5,12 +5,30 @@ proportions, seen by cameras with their own colour cast, exposure, blur, noise a
 folder the Market-1501 parser reads (``bounding_box_train/``, ``bounding_box_test/``, ``query/``) plus a
 ``synth_meta.json`` describing how it was made. Same seed -> same bytes; an identity's look depends only on
 ``(seed, pid)``, never on how many other identities exist.
+
+Two options bias the *training split only* (query and gallery are planned exactly as without them), to give
+DDDefense-style debiasing (spec §3.11) something to measure and repair; with their defaults the output is
+byte-identical to a generator without them:
+
+* ``imbalance="zipf:S[:MIN:MAX]"`` - a long tail of images per training identity. Identities get ranks
+  ``r = 1..N`` in a seeded random order and ``n(r) = MIN + (MAX - MIN) (r^-S - N^-S) / (1 - N^-S)`` images
+  (rounded): rank 1 gets MAX, rank N gets MIN, in between a Zipf curve with exponent S (``MIN=2, MAX=60`` by
+  default: two images keep a positive pair for every identity; with S = 1.2 and 100 identities the median
+  identity has 2 images, mean 3.8). Each identity keeps its usual 2..num_cams cameras (fewer
+  if it has fewer images) and, without ``camera_bias``, its images are spread over them as evenly as a seeded
+  multinomial draw allows (at least one per camera).
+* ``camera_bias=b`` in [0, 1) - each training image is taken by the identity's dominant camera (a seeded
+  random one of its cameras) with probability ``b``, otherwise by one of its other cameras uniformly. The
+  dominant count is clipped to ``1..n-1`` so every identity keeps a cross-camera positive (as Market
+  guarantees), so the expected dominant share is about ``b`` (for ``b`` below ``1 / #cameras`` that camera is
+  under-represented instead). Without ``imbalance`` the number of images per identity is unchanged.
 """
 
 from __future__ import annotations
 
 import colorsys
 import io
+import math
 import os
 import shutil
 import tempfile
@@ -23,7 +41,15 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from advreid.utils.io import atomic_write_json
 
-__all__ = ["SynthConfig", "generate_synthetic", "META_NAME", "train_pid", "test_pid"]
+__all__ = [
+    "SynthConfig",
+    "generate_synthetic",
+    "META_NAME",
+    "train_pid",
+    "test_pid",
+    "parse_imbalance",
+    "zipf_counts",
+]
 
 META_NAME = "synth_meta.json"
 FORMAT_VERSION = 1
@@ -31,7 +57,9 @@ _SS = 2  # supersampling factor for anti-aliased drawing
 _MAX_IDS = 4999  # train pids are odd, test pids even, both must fit in 4 digits
 
 # seed-stream namespaces: every random draw is keyed by (seed, namespace, ...) so streams never interact
-_NS_IDENTITY, _NS_CAMERA, _NS_IMAGE, _NS_DISTRACTOR, _NS_JUNK = 0, 1, 2, 3, 4
+_NS_IDENTITY, _NS_CAMERA, _NS_IMAGE, _NS_DISTRACTOR, _NS_JUNK, _NS_BIAS = 0, 1, 2, 3, 4, 5
+_ZIPF_DEFAULT_RANGE = (2, 60)  # images per identity at the tail / head of an imbalanced training split
+_ZIPF_MAX_IMAGES = 99  # the two-digit bounding-box field of a Market name stays unique below this
 
 
 def train_pid(i: int) -> int:
@@ -58,6 +86,13 @@ class SynthConfig:
     num_junk: int = 20
     seed: int = 0
     jpeg_quality: int = 95
+    imbalance: str = "none"
+    camera_bias: float = 0.0
+
+    @property
+    def biased(self) -> bool:
+        """True when an option changes the training split (``imbalance`` or ``camera_bias`` not default)."""
+        return parse_imbalance(self.imbalance) is not None or self.camera_bias != 0
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending parameter and what was expected."""
@@ -90,6 +125,43 @@ class SynthConfig:
                 f"images_per_id_per_cam must be a (low, high) pair of integers with 1 <= low <= high <= 49, "
                 f"got {ipc!r}"
             )
+        parse_imbalance(self.imbalance)
+        b = self.camera_bias
+        if isinstance(b, bool) or not isinstance(b, (int, float, np.integer, np.floating)) or not 0 <= b < 1:
+            raise ValueError(f"camera_bias must be a number in [0, 1) (0 = no camera bias), got {b!r}")
+
+
+def parse_imbalance(spec: str) -> tuple[float, int, int] | None:
+    """``"none"`` -> None; ``"zipf:S"`` / ``"zipf:S:MIN:MAX"`` -> ``(S, MIN, MAX)``; else ``ValueError``."""
+    expected = (
+        f"'none' or 'zipf:S[:MIN:MAX]' (exponent S > 0, images per identity 2 <= MIN <= MAX <= "
+        f"{_ZIPF_MAX_IMAGES}, default {_ZIPF_DEFAULT_RANGE[0]}:{_ZIPF_DEFAULT_RANGE[1]}), e.g. 'zipf:1.2'"
+    )
+    if not isinstance(spec, str):
+        raise ValueError(f"imbalance must be {expected}; got {spec!r}")
+    parts = spec.strip().lower().split(":")
+    if parts == ["none"]:
+        return None
+    try:
+        if parts[0] != "zipf" or len(parts) not in (2, 4):
+            raise ValueError
+        s = float(parts[1])
+        lo, hi = (int(parts[2]), int(parts[3])) if len(parts) == 4 else _ZIPF_DEFAULT_RANGE
+    except ValueError:
+        raise ValueError(f"imbalance must be {expected}; got {spec!r}") from None
+    if not (math.isfinite(s) and s > 0 and 2 <= lo <= hi <= _ZIPF_MAX_IMAGES):
+        raise ValueError(f"imbalance must be {expected}; got {spec!r}")
+    return s, lo, hi
+
+
+def zipf_counts(n_ids: int, s: float, lo: int, hi: int) -> np.ndarray:
+    """Images for the identities of rank ``1..n_ids``: ``lo + (hi - lo) (r^-s - N^-s) / (1 - N^-s)``, rounded."""
+    if n_ids < 1 or not s > 0 or not 0 <= lo <= hi:
+        raise ValueError(f"zipf_counts: expected n_ids >= 1, s > 0, 0 <= lo <= hi; got {n_ids}, {s}, {lo}, {hi}")
+    r = np.arange(1, n_ids + 1, dtype=np.float64)
+    tail = float(n_ids) ** -s
+    frac = (r**-s - tail) / (1.0 - tail) if n_ids > 1 else np.ones(1)
+    return np.floor(lo + (hi - lo) * frac + 0.5).astype(np.int64)
 
 
 # --------------------------------------------------------------------------------------------- palettes
@@ -575,9 +647,32 @@ def _check_out(out: Path, overwrite: bool) -> None:
             )
 
 
+def _biased_layout(
+    cfg: SynthConfig, pid: int, cams: np.ndarray, n_images: int
+) -> tuple[list[int], list[int]]:
+    """(cameras, counts) of a training identity under ``imbalance`` / ``camera_bias`` (module docstring)."""
+    rng = np.random.default_rng([cfg.seed, _NS_BIAS, pid])
+    cams = rng.permutation(cams)[: min(len(cams), n_images)]  # an identity with few images keeps >= 2 cameras
+    k = len(cams)
+    if cfg.camera_bias == 0:
+        counts = 1 + rng.multinomial(n_images - k, np.full(k, 1.0 / k))
+    else:  # cams[0] (random after the permutation) is the dominant camera
+        n_dom = int(np.clip(rng.binomial(n_images, cfg.camera_bias), 1, n_images - 1))
+        counts = np.concatenate([[n_dom], rng.multinomial(n_images - n_dom, np.full(k - 1, 1.0 / (k - 1)))])
+    order = np.argsort(cams)
+    keep = [int(j) for j in order if counts[j] > 0]
+    return [int(cams[j]) for j in keep], [int(counts[j]) for j in keep]
+
+
 def _plan(cfg: SynthConfig) -> list[tuple[str, int, int, int]]:
     """(split, pid, cam, k) for every identity image; k == 0 of a test (pid, cam) is its query."""
     lo, hi = cfg.images_per_id_per_cam
+    zipf = parse_imbalance(cfg.imbalance)
+    sizes = None
+    if zipf is not None:  # rank r of identity i is rank_of[i] + 1, in a seeded random order
+        rank_of = np.random.default_rng([cfg.seed, _NS_BIAS]).permutation(cfg.num_train_ids)
+        sizes = zipf_counts(cfg.num_train_ids, *zipf)[rank_of]
+    biased = cfg.biased
     items: list[tuple[str, int, int, int]] = []
     for split, n, pid_of in (("train", cfg.num_train_ids, train_pid), ("test", cfg.num_test_ids, test_pid)):
         for i in range(n):
@@ -587,10 +682,23 @@ def _plan(cfg: SynthConfig) -> list[tuple[str, int, int, int]]:
             n_cams = int(rng.integers(2, cfg.num_cams + 1))
             cams = np.sort(rng.choice(cfg.num_cams, n_cams, replace=False)) + 1
             counts = rng.integers(lo, hi + 1, size=n_cams)
+            if split == "train" and biased:  # the test split is never biased
+                total = int(counts.sum()) if sizes is None else int(sizes[i])
+                cams, counts = _biased_layout(cfg, pid, cams, total)
+            cams, counts = np.asarray(cams), np.asarray(counts)
             for cam, cnt in zip(cams.tolist(), counts.tolist(), strict=True):
                 total = cnt if split == "train" else 1 + cnt  # test: one query + >= 1 same-camera gallery
                 items.extend((split, pid, cam, k) for k in range(total))
     return items
+
+
+def _bias_meta(cfg: SynthConfig) -> dict[str, Any]:
+    """The training-split bias options as recorded in ``synth_meta.json`` (parsed, so readers need no parser)."""
+    zipf = parse_imbalance(cfg.imbalance)
+    imb: dict[str, Any] = {"kind": "none"}
+    if zipf is not None:
+        imb = {"kind": "zipf", "exponent": zipf[0], "min_images": zipf[1], "max_images": zipf[2]}
+    return {"imbalance": imb, "camera_bias": float(cfg.camera_bias), "applies_to": "train"}
 
 
 def _name(pid: int, cam: int, rng: np.random.Generator, bb: int, frame: int | None = None) -> str:
@@ -615,6 +723,8 @@ def generate_synthetic(
     overwrite: bool = False,
     jpeg_quality: int = 95,
     progress: bool = False,
+    imbalance: str = "none",
+    camera_bias: float = 0.0,
 ) -> Path:
     """Write a Market-1501-format synthetic ReID dataset to ``out`` and return its path.
 
@@ -622,7 +732,8 @@ def generate_synthetic(
     each test identity has exactly one query per camera plus >= 1 same-camera and >= 1 other-camera gallery
     image. The gallery also holds ``num_distractors`` pid-0000 bad detections and ``num_junk`` pid ``-1``
     images. The folder is built beside ``out`` and renamed into place, so it is never seen half-written;
-    ``overwrite`` only ever replaces a folder holding a ``synth_meta.json``.
+    ``overwrite`` only ever replaces a folder holding a ``synth_meta.json``. ``imbalance`` (``"zipf:1.2"``)
+    and ``camera_bias`` (0.9) bias the training split only; see the module docstring.
     """
     cfg = SynthConfig(
         num_train_ids=num_train_ids,
@@ -637,6 +748,8 @@ def generate_synthetic(
         num_junk=num_junk,
         seed=seed,
         jpeg_quality=jpeg_quality,
+        imbalance=imbalance,
+        camera_bias=camera_bias,
     )
     cfg.validate()
     out = Path(out)
@@ -675,7 +788,8 @@ def generate_synthetic(
                 idents[pid] = _sample_identity(_identity_rng(cfg.seed, pid))
             rng = np.random.default_rng([cfg.seed, _NS_IMAGE, pid, cam, k])
             img = _render_image(idents[pid], cams[cam], rng, cfg.height, cfg.width)
-            name = _name(pid, cam, rng, bb=k + 1)
+            name = _name(pid, cam, rng, bb=k % 99 + 1)  # k >= 99 only under camera_bias: the random frame
+            # number keeps such names distinct (and save() refuses a clash)
             if split == "train":
                 folder = "bounding_box_train"
                 counts["train_images"] += 1
@@ -720,6 +834,7 @@ def generate_synthetic(
                 "junk": cfg.num_junk,
                 "cams": cfg.num_cams,
             },
+            "train_bias": _bias_meta(cfg),
             "pids": {
                 "train": f"odd 1..{train_pid(cfg.num_train_ids - 1)}",
                 "test": f"even 2..{test_pid(cfg.num_test_ids - 1)}",
