@@ -13,7 +13,7 @@ from advreid.evaluation.bench import build_tables, load_bench_config, run_bench
 
 @pytest.fixture(scope="module")
 def tiny_run(synth_root, tmp_path_factory):
-    from advreid.engine import train
+    from advreid.experiments import train
 
     run = tmp_path_factory.mktemp("bench") / "run"
     train("demo_cpu", run, overrides=tiny_overrides(synth_root, epochs=2))

@@ -1,9 +1,6 @@
 """Adversarial training (GOAT online, offline AT) and the trainer's defense hooks (proactive defense)."""
 
-import importlib
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -12,9 +9,10 @@ from safetensors.torch import load_file
 from tests.conftest import tiny_overrides
 from torch import nn
 
+from advreid.attacks import build, goat_guides, goat_objective
 from advreid.config import ConfigError
-from advreid.defenses.adv_training import GOATAdversary, goat_guides, offline_adv_dir
-from advreid.engine import train
+from advreid.defenses.adv_training import offline_adv_dir
+from advreid.experiments import train
 from advreid.models import IMAGENET_STD, build_model, load_checkpoint
 from advreid.ops import batch_generator
 
@@ -81,12 +79,16 @@ def test_goat_guides_match_hand_computation():
     assert g0.pull.shape == (5, 0, 2)
 
 
+def _goat(model, steps=5, **kw):
+    return build("goat", model, eps=EPS, alpha=1 / 255, steps=steps, **kw)
+
+
 @pytest.mark.parametrize("space", ["pixel", "normalized"])
 def test_goat_perturbation_budget(space):
     model = _tiny_model()
     x, pids = _batch()
-    adv = GOATAdversary(model, EPS, 1 / 255, 5, eps_space=space, push=4, pull=1)
-    out = adv(x, pids, generator=torch.Generator().manual_seed(1))
+    adv = _goat(model, eps_space=space, push=4, pull=1, seed=1)
+    out = adv(x, pids, index=torch.arange(8))
     assert out.shape == x.shape and out.dtype == x.dtype
     assert float(out.min()) >= 0 and float(out.max()) <= 1
     delta = (out - x).abs().amax(dim=(0, 2, 3))  # per channel
@@ -94,38 +96,39 @@ def test_goat_perturbation_budget(space):
     assert bool((delta <= bound + 1e-6).all()), (delta, bound)
     assert bool((delta > 0.9 * bound).all())  # the budget is used
     assert all(p.grad is None for p in model.parameters())  # gradients w.r.t. the input only
-    assert model.training is False  # the caller's mode is restored (attack_mode=train switched it on)
-    # deterministic given the generator; steps=0 is the identity without any forward
-    again = adv(x, pids, generator=torch.Generator().manual_seed(1))
+    assert model.training is False  # the caller's mode is restored (model_mode=train switched it on)
+    # deterministic given the seed and the sample indices; steps=0 is the identity without any forward
+    again = adv(x, pids, index=torch.arange(8))
     assert torch.equal(out, again)
-    assert torch.equal(GOATAdversary(model, EPS, 1 / 255, 0)(x, pids), x)
+    assert torch.equal(_goat(model, steps=0)(x, pids), x)
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
 def test_goat_objective_increases(mode):
     model = _tiny_model()
-    model.eval()
     x, pids = _batch(1)
-    adv = GOATAdversary(model, EPS, 1 / 255, 5, random_start=False, push=2, pull=1, attack_mode=mode)
+    adv = _goat(model, random_start=False, push=2, pull=1, model_mode=mode)
     model.train(mode == "train")
-    guides = adv.guides(x, pids)
     with torch.no_grad():
-        before = adv.loss(adv.features(x), guides).sum()
+        f0 = adv.features(x)
+        guides = goat_guides(f0, pids, 2, 1)
+        before = goat_objective(f0, guides).sum()
+    model.eval()
     out = adv(x, pids)
     model.train(mode == "train")
     with torch.no_grad():
-        after = adv.loss(adv.features(out), guides).sum()
+        after = goat_objective(adv.features(out), guides).sum()
     assert float(after) > float(before)
 
 
 def test_goat_bad_arguments():
     model = _tiny_model()
     with pytest.raises(ValueError, match="pixel units"):
-        GOATAdversary(model, 5)
+        build("goat", model, eps=5)
     with pytest.raises(ValueError, match="eps_space"):
-        GOATAdversary(model, EPS, eps_space="tensor")
+        build("goat", model, eps_space="tensor")
     with pytest.raises(ValueError, match="push"):
-        GOATAdversary(model, EPS, push=-1)
+        build("goat", model, push=-1)
 
 
 def test_goat_training_run(synth_root, tmp_path, plain_run):
@@ -192,29 +195,19 @@ class _StandIn(nn.Module):
         return torch.where(pick.to(imgs.device)[:, None, None, None], grey, imgs)
 
 
-def _install_standin(monkeypatch):
-    mod = types.ModuleType("advreid.defenses.proactive")
+@pytest.fixture
+def standin():
+    """The stand-in registered as a proactive preset, as a user would register their own transform."""
+    from advreid.defenses import PROACTIVE
 
-    def build_proactive(name, params=None):
-        if name is None or name == "none":
-            return None
-        if name != "standin":
-            raise KeyError(f"unknown proactive defense {name!r}; expected one of: standin")
-        return _StandIn()
-
-    mod.build_proactive = build_proactive
-    monkeypatch.setitem(sys.modules, "advreid.defenses.proactive", mod)
+    PROACTIVE.add_preset("standin", _StandIn)
+    yield "standin"
+    PROACTIVE.unregister("standin")
 
 
 @pytest.fixture
-def proactive_preset(monkeypatch):
-    """"reference" from the real ``advreid.defenses.proactive`` when it exists, else a monkeypatched stand-in."""
-    try:
-        importlib.import_module("advreid.defenses.proactive")
-        return "reference"
-    except ImportError:
-        _install_standin(monkeypatch)
-        return "standin"
+def proactive_preset():
+    return "reference"
 
 
 def test_proactive_hook_changes_training(synth_root, tmp_path, plain_run, proactive_preset):
@@ -237,9 +230,8 @@ def test_proactive_and_goat_resume_bit_exact(synth_root, tmp_path, proactive_pre
     assert la == lb
 
 
-def test_proactive_generator_contract(synth_root, tmp_path, monkeypatch):
+def test_proactive_generator_contract(synth_root, tmp_path, standin):
     """The hook passes one CPU generator per step, seeded from (seed, epoch, step, rank) only."""
-    _install_standin(monkeypatch)
     _StandIn.calls = []
     train("bot_r50", tmp_path / "s", overrides=tiny_overrides(synth_root, epochs=1) + ["defense.proactive=standin"])
     first = _StandIn.calls[0]
@@ -277,8 +269,7 @@ def test_bad_offline_attack_config(synth_root, tmp_path, plain_run):
         train("bot_r50", tmp_path / "c", overrides=base + ["adv.eps_space=normalized"])
 
 
-def test_bad_proactive_name(synth_root, tmp_path, monkeypatch):
-    _install_standin(monkeypatch)
+def test_bad_proactive_name(synth_root, tmp_path, standin):
     with pytest.raises(ConfigError, match=r"defense\.proactive"):
         train("bot_r50", tmp_path / "p", overrides=tiny_overrides(synth_root, epochs=1) + ["defense.proactive=nope"])
     assert not (tmp_path / "p").exists()

@@ -312,7 +312,7 @@ RRP_MAP_FLOOR = 0.4
 def blocks_model(tmp_path_factory):
     from tests.test_attack_runner import write_blocks_dataset
 
-    from advreid.engine import train
+    from advreid.experiments import train
     from advreid.models import load_checkpoint
 
     root = write_blocks_dataset(tmp_path_factory.mktemp("pblocks") / "market", n_train=6)

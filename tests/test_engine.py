@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from tests.conftest import tiny_overrides
 
-from advreid.engine import train
+from advreid.experiments import train
 from advreid.models import find_checkpoint, load_checkpoint
 
 

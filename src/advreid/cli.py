@@ -62,7 +62,7 @@ def _train_overrides(a: argparse.Namespace) -> list[str]:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from advreid.engine import train
+    from advreid.experiments import train
 
     res = train(a.config, a.out, resume=a.resume, overwrite=a.overwrite, overrides=_train_overrides(a))
     if int(os.environ.get("RANK", "0")) == 0:

@@ -62,6 +62,8 @@ DEFAULTS: dict[str, Any] = {
         "eval_every": 0,
         "keep_every": 0,
         "progress": True,
+        "step": "standard",  # the training step (advreid.experiments.TRAIN_STEPS); step_params override its preset
+        "step_params": None,
     },
     # Proactive defense (training-time batch transform) and passive defense (test-time preprocessor), by name
     # (``advreid.defenses``); ``*_params`` override the preset's parameters.
@@ -156,10 +158,18 @@ def _merge(base: dict, new: dict, where: str, schema: dict | None,
     return out
 
 
+# keys whose value may take more than the default's type
+_UNION_TYPES: dict[str, tuple[type, ...]] = {"model.pretrained": (bool, str)}
+
+
 def _check_type(path: str, val: Any, default: Any, choices: dict[str, tuple]) -> Any:
     if path in choices and val not in choices[path]:
         raise ConfigError(f"config key {path!r} = {val!r}; expected one of {', '.join(map(str, choices[path]))}")
     if default is None or val is None:
+        return val
+    if path in _UNION_TYPES:
+        if not isinstance(val, _UNION_TYPES[path]):
+            raise ConfigError(f"config key {path!r} expects true/false or a path to a weights file, got {val!r}")
         return val
     if isinstance(default, bool):
         if not isinstance(val, bool):

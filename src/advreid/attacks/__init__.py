@@ -14,6 +14,7 @@ from advreid.attacks.base import (
     register_attack,
 )
 from advreid.attacks.fna import FNA
+from advreid.attacks.goat import GOAT, GoatGuides, goat_guides, goat_objective
 from advreid.attacks.guides import GuideBank, Guides
 from advreid.attacks.lta import LTA
 from advreid.attacks.metric_fgsm import MetricFGSM, MetricIFGSM
@@ -45,8 +46,8 @@ from advreid.ops import (
 )
 
 __all__ = [
-    "ATTACKS", "DISTANCES", "FNA", "LTA", "ODFA", "SEED_COMPAT", "SMA", "Attack", "AttackInputs",
-    "FeaturePGD", "GuideBank", "Guides", "MetricFGSM", "MetricIFGSM", "UniformNoise", "build", "finalize", "lgt",
+    "ATTACKS", "DISTANCES", "FNA", "GOAT", "GoatGuides", "LTA", "ODFA", "SEED_COMPAT", "SMA", "Attack", "AttackInputs",
+    "FeaturePGD", "GuideBank", "Guides", "MetricFGSM", "MetricIFGSM", "UniformNoise", "build", "finalize", "goat_guides", "goat_objective", "lgt",
     "linear_luma", "list_attacks", "local_grayscale", "luma", "output_name", "parse_eps", "per_sample_rand",
     "pil_luma", "px", "quantize", "rect_masks", "rects_from_uniform", "reencode", "register_attack",
     "resolve_steps", "sample_generators", "sample_lgt_rects", "save_images", "to_uint8",

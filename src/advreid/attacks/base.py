@@ -71,6 +71,7 @@ class Attack:
     name: str = "attack"
     needs_guides: bool = False
     guide_source_default: str | None = None
+    model_mode: str = "eval"  # the model's mode during the attack ("train": BatchNorm on batch statistics, GOAT)
 
     def __init__(self, model: nn.Module, eps: float | str = 5 / 255, alpha: float | str = 1 / 255,
                  steps: int | str = 15, *, random_start: bool = False, momentum: float = 0.0,
@@ -226,7 +227,7 @@ class Attack:
             if self.steps == 0 or b == 0:
                 return x0
             modes = [(m, m.training) for m in self.model.modules()]
-            self.model.eval()
+            self.model.train(self.model_mode == "train")
             try:
                 with torch.no_grad():
                     state = self.setup(x0, inp)

@@ -3,7 +3,8 @@ preprocessors with differentiable or BPDA paths (circuitous scaling, resizes, RR
 adversarial-training baselines (offline AT, GOAT). Images are float (B,3,H,W) tensors in [0,1].
 """
 
-from advreid.defenses.adv_training import GOATAdversary, build_goat, goat_guides, prepare_offline_adv, resolve_adv
+from advreid.defenses.adv_training import build_goat, prepare_offline_adv, resolve_adv
+from advreid.defenses.hooks import AdversarialBatchHook, ProactiveHook
 from advreid.defenses.passive import (
     JPEG,
     PASSIVE,
@@ -32,8 +33,8 @@ from advreid.defenses.proactive import (
 )
 
 __all__ = [
-    "BitDepth", "Chain", "CircuitousScaling", "DefendedModel", "GOATAdversary", "JPEG", "LocalGrayscale", "PASSIVE",
-    "PROACTIVE", "Preprocess", "ProactiveDefense", "RandomResizePad", "auto_aug", "bpda", "build_goat",
-    "build_passive", "build_proactive", "channel_fusion", "goat_guides", "grayscale", "list_passive",
-    "list_proactive", "local_homogeneous", "prepare_offline_adv", "register_passive", "resolve_adv", "sketch",
+    "PASSIVE", "PROACTIVE", "AdversarialBatchHook", "BitDepth", "Chain", "CircuitousScaling", "DefendedModel", "JPEG",
+    "LocalGrayscale", "Preprocess", "ProactiveDefense", "ProactiveHook", "RandomResizePad", "auto_aug", "bpda",
+    "build_goat", "build_passive", "build_proactive", "channel_fusion", "grayscale", "list_passive", "list_proactive",
+    "local_homogeneous", "prepare_offline_adv", "register_passive", "resolve_adv", "sketch",
 ]

@@ -16,7 +16,6 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -29,10 +28,7 @@ from advreid.ops import parse_eps
 
 __all__ = [
     "ADV_METHODS",
-    "GOATAdversary",
-    "GoatGuides",
     "build_goat",
-    "goat_guides",
     "offline_adv_dir",
     "prepare_offline_adv",
     "resolve_adv",
@@ -136,206 +132,13 @@ def resolve_adv(cfg: dict) -> dict | None:
 # --------------------------------------------------------------------------------------------------- GOAT
 
 
-@dataclass
-class GoatGuides:
-    """GOAT guides of a batch: pushing (B,P,D) and pulling (B,Q,D) features, masks, and batch rows (-1 = none)."""
+def build_goat(model: nn.Module, settings: dict, *, amp: bool = False) -> Any:
+    """The GOAT attack (:class:`advreid.attacks.GOAT`) of resolved ``adv`` settings (:func:`resolve_adv`)."""
+    from advreid.attacks import build
 
-    push: torch.Tensor
-    push_mask: torch.Tensor
-    push_index: torch.Tensor
-    pull: torch.Tensor
-    pull_mask: torch.Tensor
-    pull_index: torch.Tensor
-
-
-def goat_guides(feats: torch.Tensor, pids: torch.Tensor, push: int, pull: int) -> GoatGuides:
-    """Guides of each sample of a batch, from the batch's own detached clean features (B,D) and pids (B,).
-
-    Pushing: the first ``push`` *other* batch members with the same pid (batch order; the PK sampler's order is
-    random); when ``push == 0`` or a sample has no same-pid partner, its own clean feature (SMA, GOAT^{0,0}).
-    Pulling: the ``pull`` batch features furthest (L2) from the sample's own, only the sample itself excluded
-    (the identity is not checked, as in Bouniot's code); ties go to the lowest batch index.
-    """
-    feats = feats.detach()
-    b = feats.shape[0]
-    dev = feats.device
-    pids = torch.as_tensor(pids, device=dev).long().reshape(-1)
-    if pids.shape[0] != b:
-        raise ValueError(f"goat_guides: {b} features but {pids.shape[0]} pids")
-    ar = torch.arange(b, device=dev)
-    eye = ar[:, None] == ar[None, :]
-    p = max(int(push), 1)
-    if push > 0 and b > 1:
-        same = (pids[:, None] == pids[None, :]) & ~eye
-        key = torch.where(same, ar[None, :], ar[None, :] + b)  # partners first, in batch order
-        order = key.sort(dim=1).values[:, :p]
-        if order.shape[1] < p:
-            order = torch.cat([order, order.new_full((b, p - order.shape[1]), 2 * b)], 1)
-        mask = order < b
-        idx = torch.where(mask, order, torch.full_like(order, -1))
-    else:
-        mask = torch.zeros(b, p, dtype=torch.bool, device=dev)
-        idx = torch.full((b, p), -1, dtype=torch.long, device=dev)
-    lonely = ~mask.any(1)  # SMA fallback: the sample's own clean feature
-    idx[lonely, 0] = ar[lonely]
-    mask[lonely, 0] = True
-    push_f = feats[idx.clamp(min=0)]
-    q = int(pull)
-    if q > 0:
-        d = torch.cdist(feats.float(), feats.float(), compute_mode="donot_use_mm_for_euclid_dist")
-        d = d.masked_fill(eye, float("-inf"))
-        if q == 1:
-            pidx = d.argmax(1, keepdim=True)  # first maximum, as the reference's strict '>' scan
-        else:
-            pidx = d.topk(min(q, b), dim=1).indices
-        pmask = torch.isfinite(d.gather(1, pidx))
-        if pidx.shape[1] < q:
-            pad = q - pidx.shape[1]
-            pidx = torch.cat([pidx, pidx.new_zeros(b, pad)], 1)
-            pmask = torch.cat([pmask, pmask.new_zeros(b, pad)], 1)
-        pidx = torch.where(pmask, pidx, torch.full_like(pidx, -1))
-        pull_f = feats[pidx.clamp(min=0)]
-    else:
-        pidx = torch.zeros(b, 0, dtype=torch.long, device=dev)
-        pmask = torch.zeros(b, 0, dtype=torch.bool, device=dev)
-        pull_f = feats.new_zeros(b, 0, feats.shape[1])
-    return GoatGuides(push_f, mask, idx, pull_f, pmask, pidx)
-
-
-def _model_std(model: nn.Module) -> tuple[float, float, float]:
-    std = getattr(model, "std", None)
-    if isinstance(std, torch.Tensor) and std.numel() == 3:
-        return tuple(float(v) for v in std.flatten().tolist())  # type: ignore[return-value]
-    return _IMAGENET_STD
-
-
-class GOATAdversary:
-    """GOAT batch adversary (Bouniot et al.): L-inf PGD on the batch with the model being trained.
-
-    Maximises, per sample, ``sum_k ||f(x') - g_k||^2 - sum_q ||f(x') - p_q||^2`` (MSE-sum, as the reference's
-    ``MSELoss(reduction='sum')``) where ``f`` is ``model.features`` -- the retrieval embedding the metric uses,
-    raw (no L2 normalisation), like Bouniot's classification model whose attacked feature is the BN output after
-    pooling. Guides come from :func:`goat_guides` on the clean batch features. ``push=0, pull=0`` is GOAT^{0,0}
-    (SMA guide), ``push=4, pull=1`` GOAT^{4,1}.
-
-    ``attack_mode="train"`` (the reference) attacks with the model in train mode: BatchNorm uses batch statistics,
-    so the samples of a batch are coupled, and every attack forward (one clean + ``steps``) also updates the BN
-    running statistics, as in the reference. ``"eval"`` attacks in eval mode. The model's modes are restored after.
-
-    ``eps_space="pixel"``: ``eps``/``alpha`` in [0,1] pixel units. ``"normalized"``: the reference's scale, the
-    budget lives in the normalised tensor space, i.e. per channel ``eps * std_c`` / ``alpha * std_c`` in pixel
-    space (about 1.1 px for 5/255). The iterate is projected onto the eps-ball intersected with [0,1]. Gradients
-    are taken w.r.t. the input only (``torch.autograd.grad``); no parameter gradient is accumulated.
-    """
-
-    def __init__(self, model: nn.Module, eps: float | str = DEFAULT_EPS, alpha: float | str = DEFAULT_ALPHA,
-                 steps: int = 7, *, random_start: bool = True, push: int = 4, pull: int = 1,
-                 eps_space: str = "pixel", attack_mode: str = "train",
-                 std: Sequence[float] | None = None, amp: bool = False) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"GOATAdversary needs an nn.Module, got {type(model).__name__}")
-        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
-            model = model.module  # attack forwards must not go through DDP's gradient hooks
-        self.model = model
-        self.eps = parse_eps(eps, "eps")
-        self.alpha = parse_eps(alpha, "alpha")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps={steps!r} must be an int >= 0")
-        for name, v in (("push", push), ("pull", pull)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name}={v!r} must be an int >= 0")
-        if eps_space not in EPS_SPACES:
-            raise ValueError(f"eps_space={eps_space!r}; expected one of {EPS_SPACES}")
-        if attack_mode not in ATTACK_MODES:
-            raise ValueError(f"attack_mode={attack_mode!r}; expected one of {ATTACK_MODES}")
-        self.steps, self.push, self.pull = int(steps), int(push), int(pull)
-        self.random_start = bool(random_start)
-        self.eps_space, self.attack_mode = eps_space, attack_mode
-        self.std = tuple(float(s) for s in std) if std is not None else _model_std(model)
-        if len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"std={std!r}: expected 3 positive per-channel values")
-        self.amp = bool(amp)
-
-    def params(self) -> dict[str, Any]:
-        """JSON-able settings (recorded in the checkpoint metadata)."""
-        return {"method": "goat", "eps": self.eps, "alpha": self.alpha, "steps": self.steps,
-                "random_start": self.random_start, "push": self.push, "pull": self.pull,
-                "eps_space": self.eps_space, "attack_mode": self.attack_mode, "std": list(self.std),
-                "feature": "model.features (raw)", "distance": "sqeuclidean"}
-
-    def budgets(self, x: torch.Tensor) -> tuple[torch.Tensor | float, torch.Tensor | float]:
-        """(eps, alpha) in pixel space: floats, or (1,C,1,1) tensors for ``eps_space="normalized"``."""
-        if self.eps_space == "pixel":
-            return self.eps, self.alpha
-        s = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-        return self.eps * s, self.alpha * s
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw embeddings (B,D) in float32: ``model.features(x)`` (or ``model(x)``), autocast when ``amp``."""
-        fn: Callable[[torch.Tensor], Any] = getattr(self.model, "features", self.model)
-        with torch.autocast(device_type=x.device.type, dtype=torch.float16,
-                            enabled=self.amp and x.device.type == "cuda"):
-            f = fn(x)
-        if not isinstance(f, torch.Tensor):
-            raise TypeError(f"the model's feature function returned {type(f).__name__}; GOAT needs a model with "
-                            ".features(x) -> (B,D) embeddings")
-        return f.flatten(1).float()
-
-    @staticmethod
-    def loss(feats: torch.Tensor, guides: GoatGuides) -> torch.Tensor:
-        """Per-sample objective (B,) to maximise: masked push distances minus masked pull distances (MSE-sum)."""
-        push = ((feats[:, None, :] - guides.push.to(feats.dtype)).pow(2).sum(-1) * guides.push_mask).sum(1)
-        if guides.pull.shape[1] == 0:
-            return push
-        pull = ((feats[:, None, :] - guides.pull.to(feats.dtype)).pow(2).sum(-1) * guides.pull_mask).sum(1)
-        return push - pull
-
-    def guides(self, x0: torch.Tensor, pids: torch.Tensor) -> GoatGuides:
-        """Clean features of the batch (no grad, current mode) and the guides drawn from them."""
-        with torch.no_grad():
-            return goat_guides(self.features(x0), pids, self.push, self.pull)
-
-    def __call__(self, images: torch.Tensor, pids: torch.Tensor, *,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Adversarial copy of ``images`` (B,3,H,W) in [0,1]; the random start is drawn from the CPU ``generator``
-        (the global CPU RNG when None). ``steps=0`` returns the images unchanged, without any forward pass."""
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
-            raise ValueError("GOATAdversary expects float images (B,3,H,W) in [0,1]")
-        x0 = images.detach()
-        if self.steps == 0 or x0.shape[0] == 0:
-            return x0.clone()
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.train(self.attack_mode == "train")
-        try:
-            with torch.inference_mode(False):
-                return self._run(x0, pids, generator)
-        finally:
-            for m, mode in modes:
-                m.training = mode
-
-    def _run(self, x0: torch.Tensor, pids: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        guides = self.guides(x0, pids)
-        eps, alpha = self.budgets(x0)
-        lo, hi = (x0 - eps).clamp(min=0), (x0 + eps).clamp(max=1)
-        if self.random_start:
-            u = torch.rand(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
-            x = torch.minimum(torch.maximum(x0 + (2 * u - 1) * eps, lo), hi)
-        else:
-            x = x0.clone()
-        for _ in range(self.steps):
-            x = x.detach().requires_grad_(True)
-            with torch.enable_grad():
-                obj = self.loss(self.features(x), guides).sum()
-            (grad,) = torch.autograd.grad(obj, x)
-            x = torch.minimum(torch.maximum(x.detach() + alpha * grad.sign(), lo), hi)
-        return x.detach()
-
-
-def build_goat(model: nn.Module, settings: dict, *, amp: bool = False) -> GOATAdversary:
-    """The GOAT adversary of resolved ``adv`` settings (:func:`resolve_adv`)."""
-    return GOATAdversary(model, settings["eps"], settings["alpha"], settings["steps"],
-                         random_start=settings["random_start"], push=settings["push"], pull=settings["pull"],
-                         eps_space=settings["eps_space"], attack_mode=settings["attack_mode"], amp=amp)
+    return build("goat", model, eps=settings["eps"], alpha=settings["alpha"], steps=settings["steps"],
+                 random_start=settings["random_start"], push=settings["push"], pull=settings["pull"],
+                 eps_space=settings["eps_space"], model_mode=settings["attack_mode"], amp=amp)
 
 
 # ----------------------------------------------------------------------------------------------- offline

@@ -1,69 +1,91 @@
-"""The training loop: PK-sampled batches, CE + triplet, AMP, per-epoch atomic checkpoints, exact resume, DDP.
+"""The training loop: a :class:`Trainer` whose behaviour is extended by hooks and whose one iteration is
+:meth:`Trainer.run_step` (fast-reid's ``run_step``, torchreid's ``forward_backward``).
 
-Defense hooks: a proactive defense (``defense.proactive``, a batch transform applied on the device before the
-forward), online adversarial training (``adv.method=goat``: each batch replaced by GOAT adversarial examples) and
-offline adversarial training (``adv.method=offline``: a frozen source run attacks the training set once). Every
-per-step random draw of these hooks comes from a CPU generator seeded from (seed, epoch, step, rank), so resume
-stays bit-exact.
+The trainer owns the loop, AMP, the per-epoch loaders and the training state (optimizer, scheduler, scaler and every
+RNG) that makes a resume bit-exact. Everything else is composed from outside: a proactive defense or an online
+adversary is a hook that replaces ``trainer.batch.images`` in ``before_step``; periodic evaluation, checkpoints,
+metrics rows and logging are hooks; a recipe that needs another step (a meta-learning step with an inner and an
+outer update) subclasses the trainer or passes a ``step`` callable. The trainer never imports evaluation or
+defenses. Random draws of hooks come from :meth:`Trainer.step_generator`, seeded from (seed, epoch, step, rank,
+stream) only, so a resumed run draws exactly what a straight one does.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.utils.data import DataLoader, RandomSampler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
-from advreid.config import ConfigError, dump_config, load_config
-from advreid.data import (
-    DistributedPKSampler,
-    ImageDataset,
-    PKSampler,
-    build_dataset,
-    build_transforms,
-    check_images,
-)
-from advreid.defenses.adv_training import build_goat, prepare_offline_adv, resolve_adv
-from advreid.engine.optim import build_optimizer, build_scheduler
-from advreid.losses import ReIDLoss
-from advreid.models import build_model, find_checkpoint, read_checkpoint, save_checkpoint
+from advreid.engine.hooks import HookBase
 from advreid.ops import batch_generator
-from advreid.utils.io import append_jsonl, atomic_write_text, prepare_run_dir
-from advreid.utils.misc import get_device
+
+__all__ = ["Batch", "Trainer", "TrainData", "TrainerOptions", "rng_state", "set_rng_state", "standard_step"]
 
 
 @dataclass
-class TrainResult:
-    run_dir: Path
-    checkpoint: Path
+class Batch:
+    """One training batch on the device: images (B,3,H,W) in [0,1], pids, camids and dataset indices (B,)."""
+
+    images: torch.Tensor
+    pids: torch.Tensor
+    camids: torch.Tensor
+    index: torch.Tensor
+
+
+@dataclass
+class TrainData:
+    """The training set and how it is batched: a fresh loader per epoch, seeded from (seed, epoch)."""
+
+    dataset: Dataset
+    batch_size: int
+    sampler: Sampler | None = None  # None: shuffled by a RandomSampler
+    num_workers: int = 0
+    drop_last: bool = True
+    seed: int = 0
+
+    def loader(self, epoch: int, pin_memory: bool = False) -> DataLoader:
+        """The loader of ``epoch`` (0-based); the sampler's own epoch is set first."""
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        gen = torch.Generator()
+        gen.manual_seed(self.seed * 100_003 + epoch)
+        sampler = self.sampler if self.sampler is not None else RandomSampler(self.dataset, generator=gen)
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          drop_last=self.drop_last, pin_memory=pin_memory, generator=gen, persistent_workers=False)
+
+
+@dataclass
+class TrainerOptions:
+    """Loop settings: epochs, seed, AMP and channels-last (CUDA only), an iteration cap, distributed rank/world."""
+
     epochs: int
-    history: list[dict] = field(default_factory=list)
+    seed: int = 0
+    amp: bool = False
+    channels_last: bool = False
+    max_iters_per_epoch: int | None = None
+    rank: int = 0
+    world: int = 1
 
 
-def _dist_info() -> tuple[int, int, int]:
-    """(world_size, rank, local_rank) from torchrun's environment (1, 0, 0 when not distributed)."""
-    ws = int(os.environ.get("WORLD_SIZE", "1"))
-    return ws, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def _rng_state() -> dict:
-    st = {
-        "torch": torch.get_rng_state(),
-        "numpy": _np_state_to_tree(np.random.get_state()),
-        "python": _py_state_to_tree(random.getstate()),
-    }
+# -------------------------------------------------------------------------------------------- RNG state
+def rng_state() -> dict:
+    """Every global RNG (torch, numpy, python, CUDA) as a tensor tree the checkpoint format can store."""
+    st = {"torch": torch.get_rng_state(), "numpy": _np_state_to_tree(np.random.get_state()),
+          "python": _py_state_to_tree(random.getstate())}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
-def _set_rng_state(st: dict) -> None:
+def set_rng_state(st: dict) -> None:
+    """Restore what :func:`rng_state` captured."""
     torch.set_rng_state(st["torch"])
     np.random.set_state(_np_state_from_tree(st["numpy"]))
     random.setstate(_py_state_from_tree(st["python"]))
@@ -88,306 +110,144 @@ def _py_state_from_tree(t: dict) -> tuple:
     return (t["version"], tuple(int(v) for v in t["state"].tolist()), t["gauss"])
 
 
-def _model_kwargs(mcfg: dict) -> dict:
-    return {k: v for k, v in mcfg.items() if k != "name" and v is not None}
+# ------------------------------------------------------------------------------------------------ the step
+def standard_step(trainer: Trainer) -> dict[str, float]:
+    """One supervised step on ``trainer.batch``: forward (AMP on CUDA), ``criterion(outputs, pids)``, backward,
+    optimizer and scaler step. Returns the loss parts (``total``, ``ce``, ``triplet``, ``acc``...)."""
+    t = trainer
+    with torch.autocast(device_type=t.device.type, dtype=torch.float16, enabled=t.use_amp):
+        out = t.net(t.batch.images)
+    loss, parts = t.criterion({k: (v.float() if v is not None else None) for k, v in out.items()}, t.batch.pids)
+    t.optimizer.zero_grad(set_to_none=True)
+    t.scaler.scale(loss).backward()
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    return parts
 
 
-def _log(msg: str, rank: int) -> None:
-    if rank == 0:
-        print(msg, flush=True)
+# --------------------------------------------------------------------------------------------- the trainer
+class Trainer:
+    """The training loop with hooks. ``train()`` runs epochs ``start_epoch .. epochs-1``; each epoch iterates the
+    loader of :class:`TrainData`, loads ``self.batch``, calls ``before_step`` hooks, :meth:`run_step`, then
+    ``after_step`` hooks; after the epoch the scheduler steps and ``self.record`` (the metrics row) is built before
+    the ``after_epoch`` hooks see it. ``net`` is the module the step calls (a DDP wrapper under ``torchrun``);
+    ``model`` the bare one that hooks attack, evaluate and save."""
 
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: TrainData,
+                 criterion: Callable[..., Any], options: TrainerOptions, *, device: torch.device | str = "cpu",
+                 net: nn.Module | None = None, hooks: Iterable[HookBase] = (),
+                 step: Callable[[Trainer], dict[str, float]] | None = None) -> None:
+        if options.epochs < 0:
+            raise ValueError(f"epochs={options.epochs!r} must be >= 0")
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.data, self.criterion, self.options = data, criterion, options
+        self.device = torch.device(device)
+        self.net = model if net is None else net
+        self.use_amp = bool(options.amp) and self.device.type == "cuda"
+        self.channels_last = bool(options.channels_last) and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.step_fn = step
+        self.hooks: list[HookBase] = []
+        self.register_hooks(hooks)
+        self.start_epoch = 0
+        self.epoch = self.step = 0
+        self.batch: Batch | None = None
+        self.step_parts: dict[str, float] = {}
+        self.record: dict[str, Any] = {}
+        self.history: list[dict] = []
+        self.sums: dict[str, float] = {}
+        self.images_seen = 0
+        self.steps_per_epoch = 0
+        self.epoch_start = 0.0
 
-def _build_proactive(dcfg: dict) -> torch.nn.Module | None:
-    """The proactive defense of ``defense.proactive`` / ``defense.proactive_params`` (None when unset/"none")."""
-    name = dcfg.get("proactive")
-    params = dcfg.get("proactive_params")
-    if name is None or (isinstance(name, str) and name.lower() == "none"):
-        return None
-    if not isinstance(name, str):
-        raise ConfigError(f"config key 'defense.proactive' = {name!r}; expected a preset name such as 'reference'")
-    if params is not None and not isinstance(params, dict):
-        raise ConfigError(f"config key 'defense.proactive_params' = {params!r}; expected a mapping of parameters")
-    from advreid.defenses.proactive import build_proactive
+    @property
+    def rank(self) -> int:
+        return self.options.rank
 
-    try:
-        return build_proactive(name, params)
-    except (KeyError, TypeError, ValueError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise ConfigError(f"config key 'defense.proactive' = {name!r}: {msg}") from None
+    @property
+    def world(self) -> int:
+        return self.options.world
 
+    def register_hooks(self, hooks: Iterable[HookBase]) -> None:
+        """Append hooks (called in registration order); each gets ``hook.trainer = self``."""
+        for h in hooks:
+            if not isinstance(h, HookBase):
+                raise TypeError(f"hooks must be HookBase instances, got {type(h).__name__}")
+            h.trainer = self
+            self.hooks.append(h)
 
-def train(
-    cfg: dict | str | Path,
-    run_dir: str | Path,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    overrides: list[str] | None = None,
-) -> TrainResult:
-    """Train a ReID model as configured; writes config.yaml, metrics.jsonl and checkpoints into ``run_dir``.
+    def _call(self, event: str) -> None:
+        for h in self.hooks:
+            getattr(h, event)()
 
-    Under ``torchrun`` (WORLD_SIZE > 1) trains with DistributedDataParallel; only rank 0 writes.
-    """
-    world, rank, local_rank = _dist_info()
-    run_dir = Path(run_dir)
-    if resume:
-        saved = run_dir / "config.yaml"
-        if not saved.is_file():
-            raise FileNotFoundError(f"--resume: {saved} not found; is {run_dir} a run directory?")
-        cfg = load_config(saved, overrides)
-    elif not isinstance(cfg, dict) or overrides:
-        cfg = load_config(cfg, overrides)
-    else:
-        cfg = load_config(cfg)
+    def step_generator(self, stream: str) -> torch.Generator:
+        """A CPU generator for this step's draws of ``stream`` (e.g. "proactive", "goat"), resume-exact."""
+        return batch_generator(self.options.seed, self.epoch, self.step, self.rank, stream)
 
-    if cfg["data"]["root"] is None:
-        raise ValueError("data.root is not set: pass data.root=PATH (a dataset folder) or --data PATH")
-    cfg["data"]["root"] = str(Path(cfg["data"]["root"]).resolve())  # so a resume from elsewhere finds it
-    adv = resolve_adv(cfg)  # a bad adv.* setting fails here, before the run directory is touched
-    if adv is not None and adv["method"] == "offline":
-        cfg["adv"]["source_run"] = adv["source_run"]
-    proactive = _build_proactive(cfg["defense"])
+    # ------------------------------------------------------------------------------------------- state
+    def train_state(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue exactly: optimizer, scheduler, scaler and RNG states."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict() if self.use_amp else {}, "rng": rng_state()}
 
-    distributed = world > 1
-    if distributed and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and cfg["device"] != "cpu" else "gloo"
-        dist.init_process_group(backend)
-    if distributed and torch.cuda.is_available() and cfg["device"] != "cpu":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = get_device(cfg["device"])
+    def load_train_state(self, state: dict[str, Any], epoch: int) -> None:
+        """Restore :meth:`train_state` of the checkpoint written after ``epoch`` epochs; training continues there."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.start_epoch = int(epoch)
 
-    if rank == 0:
-        prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-        if not resume or overrides:
-            atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    if distributed:
-        dist.barrier()
+    # -------------------------------------------------------------------------------------------- loop
+    def train(self) -> list[dict]:
+        """Run the remaining epochs; return the metrics rows of the epochs run now."""
+        self._call("before_train")
+        for epoch in range(self.start_epoch, self.options.epochs):
+            self.epoch = epoch
+            self._call("before_epoch")
+            self.run_epoch()
+            self._call("after_epoch")
+            self.history.append(self.record)
+        self._call("after_train")
+        return self.history
 
-    seed = int(cfg["seed"])
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-    dcfg = cfg["data"]
-    ds = build_dataset(dcfg["name"], dcfg["root"], train_all=dcfg["train_all"])
-    train_records, bad = check_images(ds.train, skip_bad=dcfg["skip_bad_images"])
-    if bad:
-        _log(f"skipped {len(bad)} unreadable training image(s) (data.skip_bad_images=true)", rank)
-    num_classes = ds.num_train_pids
-    tcfg = cfg["transforms"]
-    transform = build_transforms(
-        dcfg["height"], dcfg["width"], is_train=True, flip_p=tcfg["flip_p"], pad=tcfg["pad"],
-        random_erasing_p=tcfg["random_erasing_p"],
-    )
-    scfg = cfg["sampler"]
-    batch_size = scfg["p"] * scfg["k"] if scfg["type"] == "pk" else scfg["batch_size"]
-    adv_info: dict | None = None
-    if adv is not None and adv["method"] == "offline":
-        adv_records, adv_info = prepare_offline_adv(
-            adv, run_dir, train_records, height=dcfg["height"], width=dcfg["width"], device=device,
-            batch_size=batch_size, seed=seed, num_workers=dcfg["num_workers"], rank=rank, world=world,
-            log=lambda m: _log(m, rank))
-        clean = list(train_records)
-        train_records = clean + adv_records if adv["mix"] == "union" else adv_records
-        adv_info["train_images"] = {"clean": len(clean) if adv["mix"] == "union" else 0,
-                                    "adversarial": len(adv_records)}
-        _log(f"offline AT ({adv['mix']}): training on {len(train_records)} images", rank)
-    train_set = ImageDataset(train_records, transform)
-
-    pids = [r.pid for r in train_records]
-    if scfg["type"] == "pk":
-        if distributed:
-            sampler = DistributedPKSampler(pids, p=scfg["p"], k=scfg["k"], seed=seed, num_replicas=world, rank=rank)
-        else:
-            sampler = PKSampler(pids, p=scfg["p"], k=scfg["k"], seed=seed)
-        batch_size = scfg["p"] * scfg["k"]
-    else:
-        if distributed:
-            sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, seed=seed)
-        else:
-            sampler = None
-        batch_size = scfg["batch_size"]
-
-    mcfg = cfg["model"]
-    model = build_model(mcfg["name"], num_classes, **_model_kwargs(mcfg)).to(device)
-    channels_last = bool(cfg["train"]["channels_last"]) and device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if device.type == "cuda" and cfg["train"]["cudnn_benchmark"]:
-        torch.backends.cudnn.benchmark = True
-
-    adversary = None
-    if adv is not None and adv["method"] == "goat":
-        adversary = build_goat(model, adv, amp=bool(cfg["train"]["amp"]) and device.type == "cuda")
-        adv_info = adversary.params()
-    if isinstance(proactive, torch.nn.Module):
-        proactive = proactive.to(device)
-
-    lcfg = cfg["loss"]
-    criterion = ReIDLoss(
-        num_classes, ce_weight=lcfg["ce_weight"], triplet_weight=lcfg["triplet_weight"],
-        label_smooth=lcfg["label_smooth"], margin=lcfg["margin"],
-    )
-    optimizer = build_optimizer(model, cfg["optim"])
-    epochs = int(cfg["train"]["epochs"])
-    scheduler = build_scheduler(optimizer, cfg["sched"], epochs)
-    use_amp = bool(cfg["train"]["amp"]) and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-
-    start_epoch = 0
-    history: list[dict] = []
-    if resume:
-        stem = find_checkpoint(run_dir, which="latest")
-        state, doc, ts = read_checkpoint(stem)
-        model.load_state_dict(state)
-        model.train()
-        optimizer.load_state_dict(ts["optimizer"])
-        scheduler.load_state_dict(ts["scheduler"])
-        if ts.get("scaler"):
-            scaler.load_state_dict(ts["scaler"])
-        _set_rng_state(ts["rng"])
-        start_epoch = int(doc["meta"]["epoch"])
-        _log(f"resuming {run_dir} after epoch {start_epoch}/{epochs} ({stem.name})", rank)
-        if start_epoch >= epochs:
-            _log("nothing to do: training already finished", rank)
-
-    net = model
-    if distributed:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local_rank] if device.type == "cuda" else None
-        )
-
-    metrics_path = run_dir / "metrics.jsonl"
-    ckpt_dir = run_dir / "checkpoints"
-    last_stem = find_checkpoint(run_dir, "latest") if resume else None
-    meta_base = {
-        "model_name": mcfg["name"],
-        "dataset": dcfg["name"],
-        "num_classes": num_classes,
-        "input_size": [dcfg["height"], dcfg["width"]],
-        "num_train_images": len(train_records),
-        "adv_training": adv_info,
-        "defense": {"proactive": cfg["defense"]["proactive"], "proactive_params": cfg["defense"]["proactive_params"]},
-    }
-    max_iters = cfg["train"]["max_iters_per_epoch"]
-    for epoch in range(start_epoch, epochs):
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
-        loader_gen = torch.Generator()
-        loader_gen.manual_seed(seed * 100_003 + epoch)
-        loader = DataLoader(
-            train_set, batch_size=batch_size, sampler=sampler if sampler is not None else RandomSampler(
-                train_set, generator=loader_gen), num_workers=dcfg["num_workers"],
-            drop_last=scfg["drop_last"] if scfg["type"] != "pk" else True, pin_memory=device.type == "cuda",
-            generator=loader_gen, persistent_workers=False,
-        )
-        n_batches = len(loader) if max_iters is None else min(len(loader), int(max_iters))
-        if n_batches == 0:
-            raise ValueError(
-                f"no training batch: {len(train_records)} images, batch size {batch_size} "
-                f"(sampler {scfg['type']}); lower sampler.p/k/batch_size"
-            )
-        model.train()
-        t0 = time.perf_counter()
-        sums = {"loss": 0.0, "ce": 0.0, "triplet": 0.0, "acc": 0.0}
-        n_img = 0
-        bar = None
+    def run_epoch(self) -> None:
+        """One pass over the epoch's loader (capped by ``max_iters_per_epoch``), then the scheduler step."""
+        loader = self.data.loader(self.epoch, pin_memory=self.device.type == "cuda")
+        cap = self.options.max_iters_per_epoch
+        n = len(loader) if cap is None else min(len(loader), int(cap))
+        if n == 0:
+            raise ValueError(f"no training batch: {len(self.data.dataset)} images, batch size "
+                             f"{self.data.batch_size}; lower sampler.p/k/batch_size")
+        self.steps_per_epoch = n
+        self.model.train()
+        self.epoch_start = time.perf_counter()
+        self.sums = {"loss": 0.0, "ce": 0.0, "triplet": 0.0, "acc": 0.0}
+        self.images_seen = 0
         it = iter(loader)
-        if rank == 0 and cfg["train"]["progress"]:
-            from tqdm import tqdm
+        for step in range(n):
+            self.step = step
+            imgs, pids, camids, idx = next(it)
+            self.batch = Batch(imgs.to(self.device, non_blocking=True), pids.to(self.device, non_blocking=True),
+                               camids.to(self.device, non_blocking=True), torch.as_tensor(idx))
+            self._call("before_step")
+            if self.channels_last:
+                self.batch.images = self.batch.images.contiguous(memory_format=torch.channels_last)
+            self.step_parts = self.run_step()
+            bs = self.batch.images.shape[0]
+            self.images_seen += bs
+            self.sums["loss"] += self.step_parts["total"] * bs
+            for k in ("ce", "triplet", "acc"):
+                self.sums[k] += self.step_parts.get(k, 0.0) * bs
+            self._call("after_step")
+        self.scheduler.step()
+        elapsed = time.perf_counter() - self.epoch_start
+        self.record = {"epoch": self.epoch + 1, **{k: v / max(self.images_seen, 1) for k, v in self.sums.items()},
+                       "lr": [g["lr"] for g in self.optimizer.param_groups], "time_s": round(elapsed, 3),
+                       "images_per_s": round(self.images_seen * self.world / elapsed, 2)}
 
-            bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True,
-                       disable=None)
-        for step in range(n_batches):
-            imgs, labels, _camids, _idx = next(it)
-            imgs = imgs.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if proactive is not None:
-                with torch.no_grad():
-                    imgs = proactive(imgs, generators=batch_generator(seed, epoch, step, rank, "proactive"))
-            if channels_last:
-                imgs = imgs.contiguous(memory_format=torch.channels_last)
-            if adversary is not None:  # GOAT: the batch is replaced by its adversarial version (no clean term)
-                imgs = adversary(imgs, labels, generator=batch_generator(seed, epoch, step, rank, "goat"))
-                if channels_last:
-                    imgs = imgs.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                out = net(imgs)
-            loss, parts = criterion({k: (v.float() if v is not None else None) for k, v in out.items()}, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            bs = imgs.shape[0]
-            n_img += bs
-            sums["loss"] += parts["total"] * bs
-            sums["ce"] += parts.get("ce", 0.0) * bs
-            sums["triplet"] += parts.get("triplet", 0.0) * bs
-            sums["acc"] += parts.get("acc", 0.0) * bs
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{sums['loss'] / n_img:.3f}",
-                                img_s=f"{n_img * world / (time.perf_counter() - t0):.0f}")
-            del step
-        if bar is not None:
-            bar.close()
-        scheduler.step()
-        elapsed = time.perf_counter() - t0
-        rec = {
-            "epoch": epoch + 1,
-            **{k: v / max(n_img, 1) for k, v in sums.items()},
-            "lr": [g["lr"] for g in optimizer.param_groups],
-            "time_s": round(elapsed, 3),
-            "images_per_s": round(n_img * world / elapsed, 2),
-        }
-        eval_every = int(cfg["train"]["eval_every"] or 0)
-        if rank == 0 and eval_every and (epoch + 1) % eval_every == 0 and epoch + 1 < epochs:
-            from advreid.evaluation import evaluate_model
-
-            res = evaluate_model(model, ds.query, ds.gallery, **_eval_kwargs(cfg, device))
-            rec["eval"] = res
-            model.train()
-        history.append(rec)
-        if rank == 0:
-            append_jsonl(metrics_path, rec)
-            train_state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if use_amp else {},
-                "rng": _rng_state(),
-            }
-            stem = ckpt_dir / f"epoch_{epoch + 1:03d}"
-            save_checkpoint(stem, model, meta={**meta_base, "epoch": epoch + 1, "config": cfg,
-                                               "metrics": rec}, train_state=train_state)
-            keep = int(cfg["train"]["keep_every"] or 0)
-            if last_stem is not None and last_stem != stem:
-                prev_epoch = int(last_stem.name.split("_")[1])
-                if not (keep and prev_epoch % keep == 0):
-                    for suf in (".json", ".safetensors"):  # json first: a stem without json is ignored
-                        Path(f"{last_stem}{suf}").unlink(missing_ok=True)
-            last_stem = stem
-            msg = (f"epoch {epoch + 1}/{epochs}  loss {rec['loss']:.4f}  ce {rec['ce']:.4f}  "
-                   f"tri {rec['triplet']:.4f}  acc {rec['acc']:.3f}  {rec['images_per_s']:.0f} img/s")
-            if "eval" in rec:
-                msg += f"  R1 {rec['eval']['rank1']:.3f} mAP {rec['eval']['mAP']:.3f}"
-            _log(msg, rank)
-    final = ckpt_dir / "final"
-    if rank == 0 and epochs > 0:
-        save_checkpoint(final, model, meta={**meta_base, "epoch": epochs, "config": cfg,
-                                            "metrics": history[-1] if history else {}})
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-    return TrainResult(run_dir=run_dir, checkpoint=final, epochs=epochs, history=history)
-
-
-def _eval_kwargs(cfg: dict, device: torch.device) -> dict:
-    e = cfg["eval"]
-    d = cfg["data"]
-    return {
-        "metric": e["metric"], "normalize": e["normalize"], "flip": e["flip"], "rerank": e["rerank"],
-        "ap": e["ap"], "batch_size": e["batch_size"], "height": d["height"], "width": d["width"],
-        "device": device, "num_workers": d["num_workers"],
-    }
+    def run_step(self) -> dict[str, float]:
+        """One iteration on ``self.batch``; returns its loss parts (at least ``total``). Override it, or pass
+        ``step=`` to the constructor, to change what a step does."""
+        return (self.step_fn or standard_step)(self)

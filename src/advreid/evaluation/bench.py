@@ -321,7 +321,7 @@ class _Bench:
                 raise FileNotFoundError(f"bench model {key!r}: run directory {run} does not exist")
             self.runs[key] = run
             return run
-        from advreid.engine import train
+        from advreid.experiments import train
 
         run = self.out / "models" / key
         data_key = m["train_on"]

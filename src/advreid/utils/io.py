@@ -11,20 +11,32 @@ from pathlib import Path
 from typing import Any
 
 
+def naming_path(e: OSError, path: str | os.PathLike) -> OSError:
+    """``e`` as an OSError whose message names ``path`` ("[Errno 28] No space left on device: '/runs/x/y.json'"):
+    disk-full and permission errors raised deep inside a writer often name a temporary file or nothing."""
+    if e.errno is None:
+        return OSError(f"cannot write {path}: {e}")
+    return OSError(e.errno, e.strerror or os.strerror(e.errno), str(path))
+
+
 def _atomic(path: str | os.PathLike, writer: Callable[[str], None]) -> Path:
-    """Write via ``writer(tmp_path)`` into a temp file beside ``path``, fsync, then rename over it."""
+    """Write via ``writer(tmp_path)`` into a temp file beside ``path``, fsync, then rename over it. An OSError
+    (disk full, permission denied, ...) leaves the old file untouched and names ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         writer(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError | FileExistsError):
+            raise naming_path(e, path) from None
         raise
     return path
 
@@ -52,10 +64,13 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[str], None]) ->
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """Append one JSON line (a whole line per write, flushed and fsynced)."""
     line = json.dumps(record, default=_json_default) + "\n"
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(line)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:
+        raise naming_path(e, path) from None
 
 
 def _json_default(o: Any) -> Any:
