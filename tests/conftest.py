@@ -24,3 +24,14 @@ def tiny_overrides(root, epochs: int = 2) -> list[str]:
         f"train.epochs={epochs}", "train.progress=false", "sched.warmup_epochs=1", "sched.milestones=[1]",
         "optim.lr=0.001", "device=cpu", "eval.batch_size=32",
     ]
+
+
+def attack_extra(name: str) -> dict:
+    """Extra constructor arguments a registered attack needs to be built in the generic attack tests: DMR needs a
+    generator (a tiny random one here; trained generators are tested in test_dmr.py)."""
+    if name != "dmr":
+        return {}
+    from advreid.attacks.dmr import Discriminator, DMRNets, Generator
+
+    torch.manual_seed(0)
+    return {"generator": DMRNets(Generator(4, 1), Discriminator(4, temperature=30))}

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.conftest import attack_extra
 from torch import nn
 
 from advreid.attacks import build, list_attacks
@@ -36,9 +37,9 @@ def images(seed: int = 0, n: int = 6, h: int = 64, w: int = 32) -> torch.Tensor:
 def test_every_attack_accepts_eot_samples() -> None:
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 4, 5))
     for name in list_attacks():
-        a = build(name, model, eot_samples=4)
+        a = build(name, model, **attack_extra(name), eot_samples=4)
         assert a.eot_samples == 4 and a.params()["eot_samples"] == 4, name
-        assert build(name, model).params()["eot_samples"] == 1
+        assert build(name, model, **attack_extra(name)).params()["eot_samples"] == 1
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="eot_samples=.* must be an int >= 1"):
             build("lta", model, eot_samples=bad)
@@ -47,10 +48,10 @@ def test_every_attack_accepts_eot_samples() -> None:
 @pytest.mark.parametrize("name", ["pgd", "lta", "sma"])
 def test_eot_1_is_bit_identical_and_deterministic_eot_is_a_no_op(name: str) -> None:
     model, x = Net().eval(), images(n=3)
-    ref = build(name, model, eps=EPS, steps=4)(x)
-    assert torch.equal(build(name, model, eps=EPS, steps=4, eot_samples=1)(x), ref)
+    ref = build(name, model, **attack_extra(name), eps=EPS, steps=4)(x)
+    assert torch.equal(build(name, model, **attack_extra(name), eps=EPS, steps=4, eot_samples=1)(x), ref)
     if name == "pgd":  # sign steps, no momentum: the mean of k identical gradients has the same sign
-        assert torch.equal(build(name, model, eps=EPS, steps=4, eot_samples=3)(x), ref)
+        assert torch.equal(build(name, model, **attack_extra(name), eps=EPS, steps=4, eot_samples=3)(x), ref)
 
 
 def test_eot_gradient_is_the_mean_of_single_sample_gradients() -> None:

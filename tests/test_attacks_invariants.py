@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.conftest import attack_extra
 
 from advreid.attacks import GuideBank, build, list_attacks
 from advreid.models import build_model
@@ -47,7 +48,7 @@ def test_budget_box_untouched_input_and_modes(name: str, model64: torch.nn.Modul
     model.backbone.eval()  # mixed modes must come back exactly as they were
     modes = [m.training for m in model.modules()]
     x = data["x"].clone()
-    attack = build(name, model, seed=1)
+    attack = build(name, model, **attack_extra(name), seed=1)
     y = _call(attack, data, x)
     assert [m.training for m in model.modules()] == modes
     model.eval()
@@ -61,14 +62,15 @@ def test_budget_box_untouched_input_and_modes(name: str, model64: torch.nn.Modul
 
 @pytest.mark.parametrize("name", ALL)
 def test_steps_zero_returns_a_copy_of_the_input(name: str, model64: torch.nn.Module, data: dict) -> None:
-    attack = build(name, model64, steps=0)
+    attack = build(name, model64, **attack_extra(name), steps=0)
     y = _call(attack, data, data["x"])
     assert torch.equal(y, data["x"]) and y.data_ptr() != data["x"].data_ptr()
 
 
 @pytest.mark.parametrize("name", PER_SAMPLE)
 def test_sample_result_independent_of_batch_mates(name: str, model64: torch.nn.Module, data: dict) -> None:
-    attack = build(name, model64, seed=5, steps=min(build(name, model64).steps, 6))
+    extra = attack_extra(name)
+    attack = build(name, model64, **extra, seed=5, steps=min(build(name, model64, **extra).steps, 6))
     full = _call(attack, data, data["x"])
     for i in (0, 2):
         alone = _call(attack, data, data["x"][i:i + 1], slice(i, i + 1))
@@ -84,7 +86,7 @@ def test_float32_model_and_inputs_and_no_grad_context(name: str, data: dict) -> 
     model = build_model("cnn4", 10, pretrained=False).eval()
     bank = GuideBank(data["bank"].features.float(), data["bank"].pids, data["bank"].camids)
     x = data["x"].float()
-    attack = build(name, model, steps=4)
+    attack = build(name, model, **attack_extra(name), steps=4)
     y = _call(attack, data, x, bank=bank)
     with torch.no_grad():
         y2 = _call(attack, data, x, bank=bank)  # the attack enables gradients itself
@@ -99,7 +101,8 @@ def test_float32_model_and_inputs_and_no_grad_context(name: str, data: dict) -> 
 
 def test_random_attacks_depend_on_seed_and_index(model64: torch.nn.Module, data: dict) -> None:
     for name in ("sma", "lta", "noise"):
-        a0, a1 = build(name, model64, seed=0, steps=3), build(name, model64, seed=1, steps=3)
+        extra = attack_extra(name)
+        a0, a1 = build(name, model64, **extra, seed=0, steps=3), build(name, model64, **extra, seed=1, steps=3)
         x = data["x"][:1]
         y0 = a0(x, index=torch.tensor([4]))
         assert not torch.equal(y0, a1(x, index=torch.tensor([4])))

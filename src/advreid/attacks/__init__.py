@@ -13,6 +13,7 @@ from advreid.attacks.base import (
     list_attacks,
     register_attack,
 )
+from advreid.attacks.dmr import DMRAttack
 from advreid.attacks.fna import FNA
 from advreid.attacks.goat import GOAT, GoatGuides, goat_guides, goat_objective
 from advreid.attacks.guides import GuideBank, Guides
@@ -46,9 +47,10 @@ from advreid.ops import (
 )
 
 __all__ = [
-    "ATTACKS", "DISTANCES", "FNA", "GOAT", "GoatGuides", "LTA", "ODFA", "SEED_COMPAT", "SMA", "Attack", "AttackInputs",
-    "FeaturePGD", "GuideBank", "Guides", "MetricFGSM", "MetricIFGSM", "UniformNoise", "build", "finalize", "goat_guides", "goat_objective", "lgt",
-    "linear_luma", "list_attacks", "local_grayscale", "luma", "output_name", "parse_eps", "per_sample_rand",
-    "pil_luma", "px", "quantize", "rect_masks", "rects_from_uniform", "reencode", "register_attack",
-    "resolve_steps", "sample_generators", "sample_lgt_rects", "save_images", "to_uint8",
+    "ATTACKS", "DISTANCES", "FNA", "GOAT", "LTA", "ODFA", "SEED_COMPAT", "SMA", "Attack", "AttackInputs", "DMRAttack",
+    "FeaturePGD", "GoatGuides", "GuideBank", "Guides", "MetricFGSM", "MetricIFGSM", "UniformNoise", "build",
+    "finalize", "goat_guides", "goat_objective", "lgt", "linear_luma", "list_attacks", "local_grayscale", "luma",
+    "output_name", "parse_eps", "per_sample_rand", "pil_luma", "px", "quantize", "rect_masks", "rects_from_uniform",
+    "reencode", "register_attack", "resolve_steps", "sample_generators", "sample_lgt_rects", "save_images",
+    "to_uint8",
 ]
