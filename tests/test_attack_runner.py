@@ -164,39 +164,38 @@ def test_seed_compat_saves_jpeg(runs, data_root, tmp_path):
 def test_save_adv_png_round_trip(runs, data_root, tmp_path):
     from advreid.attacks import build
     from advreid.data import build_dataset
-    from advreid.evaluation import attack_dataset, build_guide_bank, eval_protocol
+    from advreid.evaluation import EvalProtocol, RunOptions, attack_dataset, build_guide_bank
     from advreid.models import load_checkpoint
 
     model = load_checkpoint(runs["victim"] / "checkpoints" / "final")
-    p = eval_protocol(model)
+    p = EvalProtocol.of_model(model)
     ds = build_dataset("market1501", data_root)
     query = ds.query[:7]
-    bank = build_guide_bank(model, ds.gallery, "gallery", height=p["height"], width=p["width"])
+    bank = build_guide_bank(model, ds.gallery, "gallery", protocol=p)
     atk = build("ifgsm", model, eps=EPS, steps=3, seed=0)
-    out = attack_dataset(model, atk, query, guides=bank, batch_size=4, height=p["height"], width=p["width"],
-                         device="cpu", keep_images=True, save_dir=tmp_path / "png")
-    assert out.num_images == 7 and out.images.shape == (7, 3, p["height"], p["width"])
+    out = attack_dataset(atk, query, model, protocol=p, guides=bank, save_dir=tmp_path / "png",
+                         options=RunOptions(batch_size=4, device="cpu", keep_images=True))
+    assert out.num_images == 7 and out.images.shape == (7, 3, p.height, p.width)
     for rec, img in zip(query, out.images, strict=True):
         f = tmp_path / "png" / (rec.path.rsplit("/", 1)[-1].rsplit(".", 1)[0] + ".png")
         with Image.open(f) as im:
             assert im.format == "PNG"
             back = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
-        back = back.view(p["height"], p["width"], 3).permute(2, 0, 1).float() / 255
+        back = back.view(p.height, p.width, 3).permute(2, 0, 1).float() / 255
         assert (back - img).abs().max() <= 1 / 255 + 1e-6
 
 
 def test_batching_does_not_change_results(runs, data_root):
     from advreid.data import build_dataset
-    from advreid.evaluation import eval_protocol, evaluate_attack
+    from advreid.evaluation import AttackSpec, EvalProtocol, RunOptions, evaluate_attack
     from advreid.models import load_checkpoint
 
     model = load_checkpoint(runs["victim"] / "checkpoints" / "final")
-    p = eval_protocol(model)
+    p = EvalProtocol.of_model(model, max_images=9)
     ds = build_dataset("market1501", data_root)
-    kw = dict(eps_list=[EPS], steps=3, seed=3, height=p["height"], width=p["width"], device="cpu",
-              max_images=9, keep_images=True)
-    a = evaluate_attack(model, ds.query, ds.gallery, "pgd", batch_size=2, **kw)
-    b = evaluate_attack(model, ds.query, ds.gallery, "pgd", batch_size=9, **kw)
+    spec = AttackSpec("pgd", eps=EPS, steps=3, seed=3)
+    a, b = (evaluate_attack(model, ds.query, ds.gallery, spec, protocol=p,
+                            options=RunOptions(batch_size=bs, device="cpu", keep_images=True)) for bs in (2, 9))
     assert torch.allclose(a["images"][0], b["images"][0], atol=1e-5)
     assert a["runs"][0]["attacked"]["mAP"] == pytest.approx(b["runs"][0]["attacked"]["mAP"])
 
@@ -232,7 +231,7 @@ def test_interrupt_leaves_complete_partial_results(runs, data_root, tmp_path, mo
     assert rc == 130
     res = json.loads((out / "results.json").read_text())
     assert res["complete"] is False and len(res["runs"]) == 1 and res["runs"][0]["eps_px"] == pytest.approx(2)
-    assert [p.name for p in out.iterdir()] == ["results.json"]  # no temp file left behind
+    assert sorted(p.name for p in out.iterdir()) == ["per_query.json", "results.json"]  # no temp file left
 
 
 def test_defense_non_adaptive_vs_adaptive(runs, data_root, tmp_path, capsys):

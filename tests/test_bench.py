@@ -6,9 +6,12 @@ import pytest
 from tests.conftest import tiny_overrides
 
 from advreid.config import ConfigError
-from advreid.evaluation import bench as bench_mod
 from advreid.evaluation import robustness as bench_mod_robustness
-from advreid.evaluation.bench import build_tables, load_bench_config, run_bench
+from advreid.experiments import bench as bench_mod
+from advreid.experiments.bench import run_bench
+from advreid.experiments.grid import cells as grid_cells
+from advreid.experiments.grid import load_bench_config
+from advreid.reporting.bench_tables import build_tables, format_metric
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def _cfg(run, root) -> dict:
 
 
 def test_cells_collapse_threats_without_a_defense(tiny_run, synth_root):
-    cells = bench_mod._cells(load_bench_config(_cfg(tiny_run, synth_root)))
+    cells = grid_cells(load_bench_config(_cfg(tiny_run, synth_root)))
     # no defense: one white-box cell per attack; clean: one cell per defense; cs x 2 attacks x 2 threat models
     assert len(cells) == 2 + 2 + 4
     assert ("m", "synth", "cs", "ifgsm", "adaptive") in cells
@@ -49,7 +52,7 @@ def test_cells_collapse_threats_without_a_defense(tiny_run, synth_root):
 def test_bench_resumes_without_recomputing(tiny_run, synth_root, tmp_path, monkeypatch):
     cfg = _cfg(tiny_run, synth_root)
     out = tmp_path / "b"
-    real = bench_mod._Bench.compute
+    real = bench_mod.Bench.compute
     calls = []
 
     def crashing(self, cell):
@@ -58,10 +61,11 @@ def test_bench_resumes_without_recomputing(tiny_run, synth_root, tmp_path, monke
         calls.append(cell)
         return real(self, cell)
 
-    monkeypatch.setattr(bench_mod._Bench, "compute", crashing)
+    monkeypatch.setattr(bench_mod.Bench, "compute", crashing)
     with pytest.raises(KeyboardInterrupt):
         run_bench(cfg, out, progress=False)
-    assert len(list((out / "cells").glob("*.json"))) == 5
+    done = [p for p in (out / "cells").glob("*.json") if not p.name.endswith(".per_query.json")]
+    assert len(done) == 5 and len(list((out / "cells").glob("*.per_query.json"))) == 5
     partial = json.loads((out / "results.json").read_text())
     assert partial["complete"] is False and len(partial["cells"]) == 5
 
@@ -108,8 +112,12 @@ def test_bench_resumes_without_recomputing(tiny_run, synth_root, tmp_path, monke
     labels = [(r[0], r[1]) for r in t["rows"]]
     assert labels == [("m", "white-box"), ("m+cs", "non-adaptive"), ("m+cs", "adaptive"),
                       ("m + RK", "white-box"), ("m+cs + RK", "non-adaptive"), ("m+cs + RK", "adaptive")]
-    assert t["rows"][0][2] == f"{100 * clean['rank1']:.1f} / {100 * clean['mAP']:.1f}"
-    assert t["rows"][3][2] == f"{100 * clean['rr_rank1']:.1f} / {100 * clean['rr_mAP']:.1f}"
+    ci = clean["rank1_ci"]
+    assert ci[0] <= clean["rank1"] <= ci[1] and clean["mAP_ci"][0] <= clean["mAP"] <= clean["mAP_ci"][1]
+    assert t["rows"][0][2] == format_metric(clean) == (
+        f"{100 * clean['rank1']:.1f} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}] / {100 * clean['mAP']:.1f} "
+        f"[{100 * clean['mAP_ci'][0]:.1f}, {100 * clean['mAP_ci'][1]:.1f}]")
+    assert t["rows"][3][2] == format_metric(clean, rr=True) and "rr_rank1_ci" in clean
     md = (out / "tables" / "t.md").read_text()
     assert "| m+cs" in md and "R1 / mAP" in md
     csv_lines = (out / "tables" / "t.csv").read_text().splitlines()
@@ -129,7 +137,7 @@ def test_bench_config_errors(tiny_run, synth_root):
     with pytest.raises(ConfigError, match="threats"):
         load_bench_config({**_cfg(tiny_run, synth_root), "grid": [{"threats": ["white"]}]})
     for name in ("demo", "market_seed", "duke_seed"):
-        assert bench_mod._cells(load_bench_config(name))
+        assert grid_cells(load_bench_config(name))
 
 
 def test_bench_cli_errors_leave_nothing_behind(tmp_path, capsys):

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, KeyError, OSError, RuntimeError,
@@ -20,6 +21,7 @@ def _cmd_synth(a: argparse.Namespace) -> int:
     out = generate_synthetic(
         a.out, num_train_ids=a.ids, num_test_ids=a.test_ids if a.test_ids is not None else a.ids,
         num_cams=a.cams, height=a.height, width=a.width, seed=a.seed, overwrite=a.overwrite, progress=True,
+        imbalance=a.imbalance, camera_bias=a.camera_bias,
     )
     from advreid.data import build_dataset, format_dataset_info
 
@@ -48,6 +50,18 @@ def _cmd_data_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_bias(a: argparse.Namespace) -> int:
+    import json
+
+    from advreid.experiments.analysis import BiasJob, bias_report
+
+    job = BiasJob(a.root, a.dataset, a.split, dominance_threshold=a.dominance_threshold,
+                  duplicates=not a.no_duplicates, run=a.run, attack=a.attack, eps=a.eps, device=a.device)
+    doc, text = bias_report(job, per_id=a.per_id)
+    print(json.dumps(doc, indent=2) if a.json else text)
+    return 0
+
+
 def _train_overrides(a: argparse.Namespace) -> list[str]:
     ov = list(a.overrides)
     if a.data is not None:
@@ -70,65 +84,6 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
-def run_eval(run_dir: Path, data: str, dataset: str | None, *, rerank: bool, flip: bool | None,
-             metric: str | None, ap: str | None, checkpoint: str | None, device: str | None,
-             num_workers: int | None = None, defense: str | None = None) -> dict:
-    """Evaluate a run's checkpoint on a dataset; append the result to ``run_dir/results.json``."""
-    import json
-
-    from advreid.data import build_dataset
-    from advreid.evaluation import evaluate_model
-    from advreid.models import find_checkpoint, load_checkpoint
-    from advreid.utils.io import atomic_write_json
-    from advreid.utils.misc import get_device
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist")
-    stem = Path(checkpoint) if checkpoint else find_checkpoint(run_dir)
-    model = load_checkpoint(stem)
-    meta = model.checkpoint_meta.get("meta", {})
-    cfg = meta.get("config", {})
-    ecfg = cfg.get("eval", {})
-    h, w = meta.get("input_size", [256, 128])
-    ds_name = dataset or cfg.get("data", {}).get("name", "market1501")
-    ds = build_dataset(ds_name, data)
-    dev = get_device(device)
-    model.to(dev)
-    from advreid.evaluation.robustness import run_defense
-
-    defense_mod = run_defense(model, defense)
-    net = model
-    if defense_mod is not None:
-        from advreid.defenses.passive import DefendedModel
-
-        net = DefendedModel(model, defense_mod.to(dev))
-    res = evaluate_model(
-        net, ds.query, ds.gallery, metric=metric or ecfg.get("metric", "cosine"),
-        normalize=ecfg.get("normalize", True), flip=ecfg.get("flip", False) if flip is None else flip,
-        rerank=rerank, ap=ap or ecfg.get("ap", "standard"), batch_size=ecfg.get("batch_size", 128),
-        height=h, width=w, device=dev, num_workers=num_workers if num_workers is not None else 2, progress=True,
-    )
-    res.update({"dataset": ds_name, "data_root": str(data), "checkpoint": str(stem),
-                "defense": None if defense_mod is None else {"name": defense_mod.name, "params": defense_mod.params()},
-                "trained_on": meta.get("dataset"),
-                "cross_domain": _is_cross_domain(ds_name, data, meta.get("dataset"), cfg.get("data", {}).get("root"))})
-    path = run_dir / "results.json"
-    existing = json.loads(path.read_text()) if path.is_file() else {"evaluations": []}
-    existing.setdefault("evaluations", []).append(res)
-    atomic_write_json(path, existing)
-    return res
-
-
-def _is_cross_domain(name: str, root: str, trained_name: str | None, trained_root: str | None) -> bool:
-    """Evaluated on another dataset than the one trained on (another parser or another folder)."""
-    if trained_name is not None and name != trained_name:
-        return True
-    if trained_root is None:
-        return False
-    return Path(root).resolve() != Path(trained_root).resolve()
-
-
 def _print_results(res: dict, title: str) -> None:
     from advreid.reporting import METRIC_COLUMNS, format_table
 
@@ -140,8 +95,12 @@ def _print_results(res: dict, title: str) -> None:
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    res = run_eval(Path(a.run_dir), a.data, a.dataset, rerank=a.rerank, flip=a.flip, metric=a.metric, ap=a.ap,
-                   checkpoint=a.checkpoint, device=a.device, num_workers=a.num_workers, defense=a.defense)
+    from advreid.experiments.runs import EvalJob, run_eval
+
+    job = EvalJob(Path(a.run_dir), a.data, a.dataset, rerank=a.rerank, flip=a.flip, metric=a.metric, ap=a.ap,
+                  checkpoint=a.checkpoint, defense="auto" if a.defense is None else a.defense, device=a.device,
+                  num_workers=a.num_workers if a.num_workers is not None else 2)
+    res = run_eval(job)
     p = res["protocol"]
     _print_results(res, f"{res['dataset']} ({p['num_query']} query / {p['num_gallery']} gallery), "
                         f"metric {p['metric']}, flip {p['flip']}, AP {p['ap']}, trained on {res['trained_on']}"
@@ -150,36 +109,63 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_attack(a: argparse.Namespace) -> int:
+def _attack_spec(a: argparse.Namespace) -> tuple:
+    """(AttackSpec, sweep) of the attack flags; each error names its flag."""
+    import torch
     import yaml
 
-    from advreid.attacks import parse_eps
-    from advreid.evaluation.robustness import run_attack
-    from advreid.ops import parse_eps_list
-    from advreid.reporting import METRIC_COLUMNS, format_table
-
-    def one(flag: str, text: str | None) -> float | None:
-        return None if text is None else float(parse_eps(text, flag))
+    from advreid.evaluation import AttackSpec
+    from advreid.ops import finalize, parse_eps, parse_eps_list
 
     if a.sweep_eps and a.eps is not None:
         raise ValueError("--eps and --sweep-eps exclusive: give one budget or a list")
-    eps_list = parse_eps_list(a.sweep_eps, "--sweep-eps") if a.sweep_eps else [one("--eps", a.eps or "5px")]
+    sweep = parse_eps_list(a.sweep_eps, "--sweep-eps") if a.sweep_eps else None
+    eps = sweep[0] if sweep else parse_eps(a.eps or "5px", "--eps")
     params = {}
     for item in a.param:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--param {item!r}: expected KEY=VALUE, e.g. --param momentum=0.5")
         params[key] = yaml.safe_load(value)
-    steps = int(a.steps) if a.steps is not None and a.steps.strip().isdigit() else a.steps
+    if "side" in params:
+        raise ValueError("pass the side as --side, not as an attack parameter")
     none = {None: None, "none": None}
-    res, out = run_attack(
-        a.run_dir, a.data, a.attack, eps_list=eps_list, alpha=one("--alpha", a.alpha), steps=steps, side=a.side,
-        dataset=a.dataset, source_run=a.source_model, rerank=a.rerank, quantize=none.get(a.quantize, a.quantize),
-        reencode=none.get(a.reencode, a.reencode), seed_compat=a.seed_compat, seed=a.seed, attack_params=params,
-        max_images=a.max_images, save_adv=a.save_adv, out=a.out, overwrite=a.overwrite, batch_size=a.batch_size,
-        device=a.device, num_workers=a.num_workers, sweep=bool(a.sweep_eps), defense=a.defense,
-        adaptive=a.adaptive, eot_samples=a.eot,
-    )
+    quantize, reencode = none.get(a.quantize, a.quantize), none.get(a.reencode, a.reencode)
+    try:
+        finalize(torch.zeros(1, 3, 2, 2), quantize=quantize, reencode=reencode)
+    except ValueError as e:
+        flag = "--reencode" if reencode is not None and "quantize" not in str(e) else "--quantize"
+        raise ValueError(f"{flag}: {' '.join(str(e).split())}") from None
+    steps = int(a.steps) if a.steps is not None and a.steps.strip().isdigit() else a.steps
+    alpha = None if a.alpha is None else parse_eps(a.alpha, "--alpha")
+    if a.max_images is not None and a.max_images < 1:
+        raise ValueError(f"--max-images {a.max_images}: expected a positive number of images")
+    spec = AttackSpec(a.attack, eps=eps, alpha=alpha, steps=steps, params=params, side=a.side, quantize=quantize,
+                      reencode=reencode, seed=a.seed)
+    return spec, sweep
+
+
+def _cmd_attack(a: argparse.Namespace) -> int:
+    from advreid.evaluation import RunOptions, ThreatModel
+    from advreid.experiments.runs import AttackJob, run_attack
+    from advreid.reporting import METRIC_COLUMNS, format_table
+
+    spec, sweep = _attack_spec(a)
+    threat = ThreatModel(defense="auto" if a.defense is None else a.defense, adaptive=a.adaptive,
+                         eot_samples=a.eot)
+    job = AttackJob(Path(a.run_dir), a.data, spec, threat, sweep=sweep, dataset=a.dataset,
+                    source_run=a.source_model, rerank=a.rerank, max_images=a.max_images, seed_compat=a.seed_compat,
+                    save_adv=a.save_adv, out=a.out, overwrite=a.overwrite,
+                    options=RunOptions(batch_size=a.batch_size, device=a.device, num_workers=a.num_workers,
+                                       progress=True))
+    try:
+        res, out = run_attack(job)
+    except ValueError as e:
+        msg = str(e)
+        if "adaptive=True needs a defense" in msg:
+            raise ValueError("--adaptive attacks through the run's passive defense, but there is none (the run's "
+                             "config has no defense.passive): pass --defense NAME (e.g. cs)") from None
+        raise
     runs = res["runs"]
     rows = [{"setting": "clean", "linf": "", "s_img": "", **runs[0]["clean"]}]
     if a.rerank:
@@ -194,9 +180,8 @@ def _cmd_attack(a: argparse.Namespace) -> int:
     src = f", transfer from {res['source_model']['run_dir']}" if res["source_model"] else ""
     if res.get("defense"):
         src += f", defense {res['defense']['name']} ({res['threat'].replace('_', '-')} attacker)"
-    print(f"{a.attack} on the {res['side']} set of {res['dataset']['name']} ({p['num_query']} query / "
-          f"{p['num_gallery']} gallery), metric {p['metric']}, quantize {res['finalize']['quantize'] or 'none'}, "
-          f"re-encode {res['finalize']['reencode'] or 'none'}{src}")
+    print(f"{res['attack']['label']} on the {res['side']} set of {res['dataset']['name']} ({p['num_query']} query / "
+          f"{p['num_gallery']} gallery), metric {p['metric']}{src}")
     print(format_table(rows, [("setting", "")] + METRIC_COLUMNS + [("linf", "max Linf px"), ("s_img", "s/img")]))
     print(f"saved to {out / 'results.json'}" + (f"; adversarial images in {a.save_adv}" if a.save_adv else ""))
     return 0
@@ -207,7 +192,7 @@ def _rr(res: dict) -> dict:
 
 
 def _print_bench(doc: dict, out: Path) -> None:
-    from advreid.evaluation.bench import format_bench_table
+    from advreid.reporting.bench_tables import format_bench_table
 
     for t in doc["_tables"]:
         print()
@@ -217,7 +202,7 @@ def _print_bench(doc: dict, out: Path) -> None:
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
-    from advreid.evaluation.bench import run_bench
+    from advreid.experiments.bench import run_bench
 
     # argparse splits positionals around options: the first word is the config, every other one an override
     config, *overrides = [*a.config, *a.overrides]
@@ -231,7 +216,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
 def demo_config(quick: bool = False, seed: int = 0, device: str | None = None) -> dict:
     """The demo's bench config (``configs/bench/demo.yaml``), shortened for ``--quick``."""
-    from advreid.evaluation.bench import load_bench_config
+    from advreid.experiments.grid import load_bench_config
 
     cfg = load_bench_config("demo")
     cfg["seed"] = seed
@@ -248,7 +233,7 @@ def demo_config(quick: bool = False, seed: int = 0, device: str | None = None) -
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from advreid.evaluation.bench import run_bench
+    from advreid.experiments.bench import run_bench
 
     t0 = time.perf_counter()
     cfg = demo_config(a.quick, a.seed, a.device)
@@ -260,14 +245,8 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from advreid import __version__
-
-    p = argparse.ArgumentParser(prog="advreid", description="Adversarial robustness toolkit for person ReID.")
-    p.add_argument("--version", action="version", version=f"advreid {__version__}")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    sub = p.add_subparsers(dest="cmd", required=True)
-
+def _add_synth(sub: Any) -> None:
+    """``advreid synth``."""
     s = sub.add_parser("synth", help="write a synthetic Market-1501-format dataset")
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--ids", type=int, default=100, help="training identities (default 100)")
@@ -277,8 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--width", type=int, default=64)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--overwrite", action="store_true", help="replace an existing synthetic dataset folder")
+    s.add_argument("--imbalance", default="none", help="training images per identity: 'none' or 'zipf:S[:MIN:MAX]' "
+                   "(a long tail, e.g. zipf:1.2 -> 2..60 images per identity)")
+    s.add_argument("--camera-bias", type=float, default=0.0, help="probability in [0, 1) that a training image comes "
+                   "from the identity's dominant camera (default 0: unbiased)")
     s.set_defaults(func=_cmd_synth)
 
+
+def _add_data(sub: Any) -> None:
+    """``advreid data``."""
     d = sub.add_parser("data", help="dataset utilities")
     dsub = d.add_subparsers(dest="data_cmd", required=True)
     di = dsub.add_parser("info", help="identities, images and cameras per split")
@@ -289,7 +275,26 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--labeled", action="store_true", help="CUHK03: labeled boxes instead of detected")
     di.add_argument("--check-images", action="store_true", help="decode every image and report unreadable ones")
     di.set_defaults(func=_cmd_data_info)
+    db = dsub.add_parser("bias", help="dataset bias: images per identity (Gini), dominant cameras, near-duplicates, "
+                         "and with --run the per-identity accuracy variance")
+    db.add_argument("root")
+    db.add_argument("--dataset", default="market1501", help="parser name (default market1501)")
+    db.add_argument("--split", choices=["train", "query", "gallery"], default="train")
+    db.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    db.add_argument("--per-id", action="store_true", help="with --json: every identity's counts")
+    db.add_argument("--dominance-threshold", type=float, default=0.5,
+                    help="an identity is camera-dominated above this share of one camera (default 0.5)")
+    db.add_argument("--no-duplicates", action="store_true", help="skip the near-duplicate check (no image reads)")
+    db.add_argument("--run", default=None, metavar="RUN",
+                    help="a trained run: also report per-identity rank-1 mean / variance / std on the test split")
+    db.add_argument("--attack", default=None, help="with --run: also under this attack (e.g. pgd, fna)")
+    db.add_argument("--eps", default="8px", help="with --attack: budget (default 8px)")
+    db.add_argument("--device", default=None)
+    db.set_defaults(func=_cmd_data_bias)
 
+
+def _add_train(sub: Any) -> None:
+    """``advreid train``."""
     t = sub.add_parser("train", help="train a ReID model", description="Train a ReID model. Extra KEY=VALUE "
                        "arguments override the config, e.g. optim.lr=0.01 train.epochs=60.")
     t.add_argument("-c", "--config", default="bot_r50", help="YAML file or preset name (default bot_r50)")
@@ -304,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     t.set_defaults(func=_cmd_train)
 
+
+def _add_eval(sub: Any) -> None:
+    """``advreid eval``."""
     e = sub.add_parser("eval", help="evaluate a trained run on a dataset (also cross-domain)")
     e.add_argument("run_dir")
     e.add_argument("--data", required=True, help="dataset root")
@@ -320,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-workers", type=int, default=None)
     e.set_defaults(func=_cmd_eval)
 
+
+def _add_attack(sub: Any) -> None:
+    """``advreid attack``."""
     k = sub.add_parser(
         "attack", help="attack a trained run's query (or gallery) set and score clean vs attacked retrieval",
         description="Perturb the query set (default; gallery stays clean) or the gallery set (--side gallery, "
@@ -371,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--overwrite", action="store_true", help="replace an existing result folder (kept as .old-N)")
     k.set_defaults(func=_cmd_attack)
 
+
+def _add_bench(sub: Any) -> None:
+    """``advreid bench``."""
     b = sub.add_parser(
         "bench", help="run a robustness benchmark grid (models x datasets x defenses x attacks x threat models)",
         description="Train or reuse the models of a bench config, score every cell of its grid and write "
@@ -385,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=argparse.SUPPRESS)
     b.set_defaults(func=_cmd_bench)
 
+
+def _add_demo(sub: Any) -> None:
+    """``advreid demo``."""
     m = sub.add_parser("demo", help="synthetic data -> baseline and JAD models -> attacks -> robustness table",
                        description="The whole pipeline on the CPU in about 10 minutes (--quick: about 2): "
                        "configs/bench/demo.yaml.")
@@ -395,6 +412,118 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="start over; the old folder is kept as .old-N")
     m.add_argument("--resume", action="store_true", help="continue an interrupted demo")
     m.set_defaults(func=_cmd_demo)
+
+
+def _add_report(sub: Any) -> None:
+    """``advreid report``."""
+    r = sub.add_parser("report", help="write report.html (+ figures/) for a bench folder, an attack result or a run")
+    r.add_argument("dir", help="a bench folder, an `advreid attack` result folder or a training run")
+    r.add_argument("--out", default=None, help="HTML file (default DIR/report.html)")
+    r.add_argument("--no-gradcam", action="store_true", help="skip Grad-CAM (the only part that loads models)")
+    r.add_argument("--device", default="cpu", help="device for Grad-CAM (cpu, cuda, auto)")
+    r.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    from advreid.experiments.report import build_report
+
+    path = build_report(a.dir, a.out, gradcam=not a.no_gradcam, device=a.device)
+    print(f"report: {path} (figures in {path.parent / 'figures'})")
+    return 0
+
+
+def _add_diffusion(sub: Any) -> None:
+    """``advreid diffusion train``: the identity+camera-conditioned diffusion model of DDDefense Phase I."""
+    d = sub.add_parser("diffusion", help="DDDefense Phase I: train the conditional diffusion model")
+    dsub = d.add_subparsers(dest="diffusion_cmd", required=True)
+    t = dsub.add_parser("train", help="train on a dataset's training split (resumable)",
+                        description="Extra KEY=VALUE arguments override the config, e.g. train.epochs=50.")
+    t.add_argument("--data", required=True, help="dataset root")
+    t.add_argument("--dataset", default="market1501", help="parser name (default market1501)")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("-c", "--config", default="diffusion_tiny", help="diffusion_tiny (CPU) or diffusion_market (GPU)")
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--overwrite", action="store_true")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    t.set_defaults(func=_cmd_diffusion_train)
+
+
+def _cmd_diffusion_train(a: argparse.Namespace) -> int:
+    from advreid.defenses.dddefense import train_diffusion
+
+    out = train_diffusion(a.data, a.out, a.config, a.overrides, resume=a.resume, overwrite=a.overwrite,
+                          dataset=a.dataset)
+    print(f"diffusion model in {out}")
+    return 0
+
+
+def _add_resample(sub: Any) -> None:
+    """``advreid resample``: DDDefense's rebalanced dataset (originals copied, generated images added)."""
+    r = sub.add_parser("resample", help="DDDefense Phase I: write a rebalanced copy of a dataset",
+                       description="Every identity with fewer than delta1 images gets generated ones; every identity "
+                       "whose dominant camera holds more than delta2 of its images gets images for its other cameras."
+                       " ROOT is never written to.")
+    r.add_argument("root", help="the dataset to rebalance (Market layout)")
+    r.add_argument("--generator", required=True, help="a folder written by `advreid diffusion train`")
+    r.add_argument("--out", required=True, help="the new dataset folder")
+    r.add_argument("--dataset", default="market1501")
+    r.add_argument("--delta1", type=int, default=None, help="min images per identity (default: the median)")
+    r.add_argument("--delta2", type=float, default=0.5, help="max share of one camera (default 0.5)")
+    r.add_argument("--per-camera", default="1", help="images per under-seen camera: an int or 'balance'")
+    r.add_argument("--mode", choices=["sdedit", "sample"], default="sdedit")
+    r.add_argument("--strength", type=float, default=0.6, help="SDEdit noise strength (default 0.6)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--resume", action="store_true")
+    r.add_argument("--overwrite", action="store_true")
+    r.set_defaults(func=_cmd_resample)
+
+
+def _cmd_resample(a: argparse.Namespace) -> int:
+    from advreid.defenses.dddefense import ResampleConfig, resample_dataset
+
+    per_camera: int | str = int(a.per_camera) if a.per_camera.strip().isdigit() else a.per_camera
+    cfg = ResampleConfig(delta1=a.delta1, delta2=a.delta2, per_camera=per_camera, mode=a.mode, strength=a.strength,
+                         seed=a.seed, device=a.device)
+    out = resample_dataset(a.root, a.generator, a.out, cfg, resume=a.resume, overwrite=a.overwrite,
+                           dataset=a.dataset)
+    print(f"rebalanced dataset in {out} (provenance: {out / 'resample_manifest.json'})")
+    return 0
+
+
+def _add_dmr(sub: Any) -> None:
+    """``advreid dmr train``: DMR's generator against a victim run."""
+    d = sub.add_parser("dmr", help="DMR (Deep Mis-Ranking): train a perturbation generator against a victim run")
+    dsub = d.add_subparsers(dest="dmr_cmd", required=True)
+    t = dsub.add_parser("train", help="train the generator (resumable; best epoch chosen on a validation split)",
+                        description="Extra KEY=VALUE arguments override the config, e.g. train.epochs=10.")
+    t.add_argument("victim", help="the victim's run folder (frozen, eval mode)")
+    t.add_argument("--data", required=True, help="dataset root (its training split)")
+    t.add_argument("--out", required=True, help="output folder of the generator")
+    t.add_argument("-c", "--config", default="dmr_tiny", help="dmr_tiny (CPU) or dmr_market (GPU)")
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--overwrite", action="store_true")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    t.set_defaults(func=_cmd_dmr_train)
+
+
+def _cmd_dmr_train(a: argparse.Namespace) -> int:
+    from advreid.attacks.dmr import train_dmr
+
+    out = train_dmr(a.victim, a.data, a.out, a.config, a.overrides, resume=a.resume, overwrite=a.overwrite)
+    print(f"DMR generator in {out}; use it with: advreid attack RUN --data ROOT --attack dmr --param generator={out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from advreid import __version__
+    p = argparse.ArgumentParser(prog="advreid", description="Adversarial robustness toolkit for person ReID.")
+    p.add_argument("--version", action="version", version=f"advreid {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for add in (_add_synth, _add_data, _add_train, _add_eval, _add_attack, _add_bench, _add_demo, _add_report,
+                _add_diffusion, _add_resample, _add_dmr):
+        add(sub)
     return p
 
 

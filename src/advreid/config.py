@@ -149,7 +149,9 @@ def _merge(base: dict, new: dict, where: str, schema: dict | None,
             hint = f" (did you mean {where}{close[0]}?)" if close else ""
             raise ConfigError(f"unknown config key {path!r}{hint}; valid keys here: {', '.join(schema)}")
         sub_schema = schema.get(key) if schema is not None else None
-        if isinstance(sub_schema, dict):
+        if sub_schema is None and isinstance(val, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_update(out[key], val)  # a free-form mapping (schema default None): merged, not replaced
+        elif isinstance(sub_schema, dict):
             if not isinstance(val, dict):
                 raise ConfigError(f"config key {path!r} must be a mapping, got {val!r}")
             out[key] = _merge(out.get(key, {}), val, f"{path}.", sub_schema, choices)

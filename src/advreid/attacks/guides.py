@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset, TensorDataset
 
 GUIDE_SELECT = ("all", "random1", "last")
 
@@ -95,41 +96,33 @@ class GuideBank:
         return t.long()
 
     @classmethod
-    def from_images(cls, model: nn.Module, data: torch.Tensor | Iterable, pids: Any = None, camids: Any = None, *,
-                    batch_size: int = 128, source: str = "gallery",
-                    device: torch.device | str | None = None) -> GuideBank:
-        """Bank from images: a (N,3,H,W) tensor with ``pids``/``camids``, or batches ``(img, pid, camid, ...)``
-        (a DataLoader, or a Dataset which is wrapped in one). Raw ``model.features``, eval mode, restored after."""
-        from torch.utils.data import DataLoader, Dataset
+    def from_images(cls, model: nn.Module, data: torch.Tensor | Dataset | Iterable, pids: Any = None,
+                    camids: Any = None, *,
+                    batch_size: int = 128, source: str = "gallery", device: torch.device | str | None = None,
+                    num_workers: int = 0, progress: bool = False) -> GuideBank:
+        """Bank from images: a (N,3,H,W) tensor with ``pids`` (and ``camids``), a Dataset yielding
+        ``(img, pid, camid, ...)``, or an iterable of such batches (a DataLoader). Raw ``model.features`` (no flip,
+        no L2), eval mode, restored after; the bank lives on ``device`` (default: the model's)."""
+        from advreid.models.features import extract_features
 
-        if device is None:
-            p = next(model.parameters(), None)
-            device = p.device if p is not None else "cpu"
-        fn = getattr(model, "features", model)
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-        feats, ps, cs = [], [], []
-        try:
-            with torch.no_grad():
-                if isinstance(data, torch.Tensor):
-                    if pids is None:
-                        raise ValueError("GuideBank.from_images(tensor): pass pids=... for the images")
-                    for i in range(0, data.shape[0], batch_size):
-                        feats.append(fn(data[i:i + batch_size].to(device)).flatten(1).cpu())
-                    ps, cs = [torch.as_tensor(pids)], [] if camids is None else [torch.as_tensor(camids)]
-                else:
-                    if isinstance(data, Dataset):
-                        data = DataLoader(data, batch_size=batch_size, shuffle=False)
-                    for batch in data:
-                        feats.append(fn(batch[0].to(device)).flatten(1).cpu())
-                        ps.append(torch.as_tensor(batch[1]))
-                        cs.append(torch.as_tensor(batch[2]))
-        finally:
-            for m, mode in modes:
-                m.training = mode
-        if not feats:
+        no_cams = False
+        if not isinstance(data, torch.Tensor | Dataset):  # an iterable of batches (img, pid, camid, ...)
+            batches = list(data)
+            if not batches:
+                raise ValueError("GuideBank.from_images: no images given")
+            data = TensorDataset(*(torch.cat([torch.as_tensor(b[i]) for b in batches]) for i in range(3)))
+        if isinstance(data, torch.Tensor):
+            if pids is None:
+                raise ValueError("GuideBank.from_images(tensor): pass pids=... for the images")
+            no_cams = camids is None
+            cams = torch.full((data.shape[0],), -1) if no_cams else torch.as_tensor(camids)
+            data = TensorDataset(data, torch.as_tensor(pids), cams)
+        if len(data) == 0:  # type: ignore[arg-type]
             raise ValueError("GuideBank.from_images: no images given")
-        return cls(torch.cat(feats), torch.cat(ps), torch.cat(cs) if cs else None, source=source)
+        f, p, c = extract_features(model, data, batch_size=batch_size, flip=False, normalize=False, device=device,
+                                   num_workers=num_workers, progress=progress, desc=f"guides ({source})")
+        dev = torch.device(device) if device is not None else next(model.parameters()).device
+        return cls(f.to(dev), p.to(dev), None if no_cams else c.to(dev), source=source)
 
     def __len__(self) -> int:
         return self.features.shape[0]

@@ -27,11 +27,12 @@ class LTA(Attack):
     name = "lta"
 
     def __init__(self, model: nn.Module, eps: float | str = 5 / 255, alpha: float | str = 1 / 255,
-                 steps: int | str = 15, *, momentum: float = 1.0, grad_norm: str | None = "mean_abs",
-                 redraw: bool = True, sl: float = 0.02, sh: float = 0.4, r1: float = 0.3,
+                 steps: int | str = 15, *, redraw: bool = True, sl: float = 0.02, sh: float = 0.4, r1: float = 0.3,
                  rect_mode: str = "reference", luma: str = "pil", reference_fn: ReferenceFn | None = None,
                  **kwargs: Any) -> None:
-        super().__init__(model, eps, alpha, steps, momentum=momentum, grad_norm=grad_norm, **kwargs)
+        kwargs.setdefault("momentum", 1.0)  # the seed's LTA: momentum 1 with mean-abs gradient normalisation
+        kwargs.setdefault("grad_norm", "mean_abs")
+        super().__init__(model, eps, alpha, steps, **kwargs)
         if rect_mode not in RECT_MODES:
             raise ValueError(f"rect_mode={rect_mode!r} is not supported; expected one of {RECT_MODES}")
         check_lgt_params(sl, sh, r1, rect_mode, 1.0, 1)

@@ -5,6 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from advreid.data.bias import (
+    DUP_THRESHOLD,
+    BiasReport,
+    IdentityBias,
+    dataset_bias,
+    gini,
+    near_duplicate_mask,
+    per_identity_accuracy,
+)
 from advreid.data.datasets import (
     CUHK03NP,
     DATASETS,
@@ -27,6 +36,13 @@ from advreid.data.samplers import DistributedPKSampler, PKSampler
 from advreid.data.transforms import IMAGENET_MEAN, build_transforms
 
 __all__ = [
+    "DUP_THRESHOLD",
+    "BiasReport",
+    "IdentityBias",
+    "dataset_bias",
+    "gini",
+    "near_duplicate_mask",
+    "per_identity_accuracy",
     "CUHK03NP",
     "DATASETS",
     "IMAGE_EXTENSIONS",

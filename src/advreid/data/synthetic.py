@@ -27,6 +27,8 @@ byte-identical to a generator without them:
 from __future__ import annotations
 
 import colorsys
+import dataclasses
+import difflib
 import io
 import math
 import os
@@ -379,6 +381,151 @@ def _pattern_patch(ident: _Identity, hgt: int, wid: int, fig_h: float, view: str
     return base
 
 
+@dataclass
+class _Pose:
+    """Geometry of one figure on the supersampled layer (pixels), shared by the drawing steps."""
+
+    h: float
+    top: float
+    cx: float
+    side: bool
+    head_d: float
+    sh_w: float
+    y_sh: float
+    y_hip: float
+    leg_len: float
+    leg_w: float
+    arm_w: float
+    arm_len: float
+    swing: float
+    phase: float
+
+
+def _pose(ident: _Identity, hs: int, ws: int, rng: np.random.Generator, view: str, scale: float, dx: float,
+          dy: float) -> _Pose:
+    h = hs * ident.fig_frac * scale
+    top = (hs - h) / 2.0 + dy * hs
+    side = view == "side"
+    head_d = ident.head * h
+    sh_w = ident.shoulder * h * (0.55 if side else 1.0)
+    y_hip = top + h * (1.0 - ident.leg)
+    swing = float(rng.uniform(0.12, 0.4) if side else rng.uniform(0.0, 0.1))
+    phase = 1.0 if rng.random() < 0.5 else -1.0
+    return _Pose(h=h, top=top, cx=ws / 2.0 + dx * ws, side=side, head_d=head_d, sh_w=sh_w,
+                 y_sh=top + head_d + 0.025 * h, y_hip=y_hip, leg_len=top + h - y_hip - 0.02 * h,
+                 leg_w=0.095 * h * (1.2 if side else 1.0), arm_w=0.065 * h, arm_len=0.37 * h, swing=swing,
+                 phase=phase)
+
+
+def _rgba(c: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    return (*c, 255)
+
+
+def _draw_legs(draw: ImageDraw.ImageDraw, ident: _Identity, p: _Pose, flip: bool) -> None:
+    """Legs (hip -> foot) and shoes; shorts/skirt show skin below; the skirt over them."""
+    skin, lower, shoes = _rgba(ident.skin), _rgba(ident.lower), _rgba(ident.shoes)
+    cx = p.cx
+    hips = [(cx, p.y_hip), (cx, p.y_hip)] if p.side else [(cx - p.sh_w * 0.22, p.y_hip),
+                                                           (cx + p.sh_w * 0.22, p.y_hip)]
+    spread = 0.0 if p.side else 0.05
+    for k, hip in enumerate(hips):
+        ang = p.phase * p.swing * (1 if k == 0 else -1) + spread * (-1 if k == 0 else 1)
+        foot = (hip[0] + p.leg_len * np.sin(ang), hip[1] + p.leg_len * np.cos(ang))
+        if ident.lower_kind == "trousers":
+            _limb(draw, hip, foot, p.leg_w, lower)
+        else:
+            _limb(draw, hip, foot, p.leg_w * 0.8, skin)
+            if ident.lower_kind == "shorts":
+                _limb(draw, hip, _along(hip, foot, 0.42), p.leg_w, lower)
+        sw = p.leg_w * 1.15
+        toe = 1.0 if (p.side and not flip) else 0.0
+        draw.ellipse([foot[0] - sw / 2, foot[1] - sw * 0.35, foot[0] + sw / 2 + toe * sw * 0.4, foot[1] + sw * 0.3],
+                     fill=shoes)
+    if ident.lower_kind == "skirt":
+        hw = p.sh_w * (0.7 if p.side else 0.5)
+        y_end = p.y_hip + 0.5 * p.leg_len
+        draw.polygon([(cx - hw * 0.85, p.y_hip - 0.02 * p.h), (cx + hw * 0.85, p.y_hip - 0.02 * p.h),
+                      (cx + hw * 1.25, y_end), (cx - hw * 1.25, y_end)], fill=lower)
+
+
+def _draw_arm(draw: ImageDraw.ImageDraw, ident: _Identity, p: _Pose, k: int, shoulder: tuple[float, float]) -> None:
+    """Arm ``k`` (0 = left/far, 1 = right/near) from ``shoulder``, with a handbag in the bag-side hand."""
+    skin, upper, bagc = _rgba(ident.skin), _rgba(ident.upper), _rgba(ident.bag_colour)
+    out = 0.0 if p.side else (0.1 if k == 1 else -0.1)
+    ang = out - p.phase * p.swing * (1 if k == 0 else -1)
+    hand = (shoulder[0] + p.arm_len * np.sin(ang), shoulder[1] + p.arm_len * np.cos(ang))
+    if ident.sleeves == "long":
+        _limb(draw, shoulder, hand, p.arm_w, upper)
+        r = p.arm_w * 0.55
+        draw.ellipse([hand[0] - r, hand[1] - r, hand[0] + r, hand[1] + r], fill=skin)
+    else:
+        _limb(draw, shoulder, hand, p.arm_w * 0.85, skin)
+        _limb(draw, shoulder, _along(shoulder, hand, 0.35), p.arm_w * 1.05, upper)
+    if ident.bag == "handbag" and (k == 1) == (ident.bag_side > 0):
+        bw = 0.13 * p.h
+        box = [hand[0] - bw / 2, hand[1] - bw * 0.2, hand[0] + bw / 2, hand[1] + bw * 0.8]
+        draw.rounded_rectangle(box, radius=bw * 0.15, fill=bagc)
+
+
+def _paste_torso(layer: Image.Image, ident: _Identity, p: _Pose, view: str, flip: bool) -> None:
+    """The torso filled with the identity's clothing texture."""
+    hs, ws = layer.height, layer.width
+    cx, sh_w, y_sh, y_hip = p.cx, p.sh_w, p.y_sh, p.y_hip
+    hip_w = sh_w * 0.88
+    x0, x1 = int(cx - sh_w / 2 - 2), int(np.ceil(cx + sh_w / 2 + 2))
+    y0, y1 = int(y_sh - 2), int(np.ceil(y_hip + 2))
+    x0c, y0c = max(0, x0), max(0, y0)
+    x1c, y1c = min(ws, x1), min(hs, y1)
+    if not (x1c > x0c and y1c > y0c):
+        return
+    mask = Image.new("L", (x1c - x0c, y1c - y0c), 0)
+    r = sh_w * 0.18
+    poly = [(cx - sh_w / 2, y_sh + r), (cx - sh_w / 2 + r, y_sh), (cx + sh_w / 2 - r, y_sh),
+            (cx + sh_w / 2, y_sh + r), (cx + hip_w / 2, y_hip), (cx - hip_w / 2, y_hip)]
+    ImageDraw.Draw(mask).polygon([(px - x0c, py - y0c) for px, py in poly], fill=255)
+    patch = _pattern_patch(ident, y1c - y0c, x1c - x0c, p.h, view)
+    if flip:  # keep the texture phase fixed on the body when the layer gets mirrored
+        patch = patch[:, ::-1]
+    layer.paste(Image.fromarray(np.ascontiguousarray(patch)).convert("RGBA"), (x0c, y0c), mask)
+
+
+def _draw_bags_over_torso(draw: ImageDraw.ImageDraw, ident: _Identity, p: _Pose, view: str) -> None:
+    """A backpack seen from behind, its straps from the front, a handbag strap across the chest."""
+    bagc = _rgba(ident.bag_colour)
+    cx, sh_w, y_sh, y_hip, h = p.cx, p.sh_w, p.y_sh, p.y_hip, p.h
+    if ident.bag == "backpack" and view == "back":
+        bw, bh = sh_w * 0.7, (y_hip - y_sh) * 0.72
+        draw.rounded_rectangle([cx - bw / 2, y_sh + 0.04 * h, cx + bw / 2, y_sh + 0.04 * h + bh],
+                               radius=bw * 0.15, fill=bagc)
+    elif ident.bag == "backpack" and view == "front":
+        for sgn in (-1, 1):
+            xs = cx + sgn * sh_w * 0.3
+            draw.line([(xs, y_sh), (xs + sgn * sh_w * 0.02, y_sh + (y_hip - y_sh) * 0.6)], fill=bagc,
+                      width=max(1, int(0.025 * h)))
+    if ident.bag == "handbag" and not p.side:  # strap across the chest
+        sgn = ident.bag_side
+        draw.line([(cx - sgn * sh_w * 0.4, y_sh), (cx + sgn * sh_w * 0.45, y_hip - 0.05 * h)], fill=bagc,
+                  width=max(1, int(0.02 * h)))
+
+
+def _draw_head(draw: ImageDraw.ImageDraw, ident: _Identity, p: _Pose, view: str) -> None:
+    """Neck and head; hair cap in front, full hair from behind."""
+    skin, hair = _rgba(ident.skin), _rgba(ident.hair)
+    cx, head_d = p.cx, p.head_d
+    nw = head_d * 0.35
+    draw.rectangle([cx - nw / 2, p.top + head_d * 0.8, cx + nw / 2, p.y_sh + 1], fill=skin)
+    hw = head_d * (0.42 if p.side else 0.4)
+    hy = p.top + head_d / 2
+    box = [cx - hw, hy - head_d / 2, cx + hw, hy + head_d / 2]
+    if view == "back":
+        draw.ellipse(box, fill=hair)
+    else:
+        draw.ellipse(box, fill=skin)
+        draw.chord([box[0] - 1, box[1] - 1, box[2] + 1, box[3] - head_d * 0.15], 180, 360, fill=hair)
+        if p.side:
+            draw.pieslice([box[0] - 1, box[1] - 1, box[2] + 1, box[3]], 90, 270, fill=hair)
+
+
 def _render_person(
     ident: _Identity,
     hs: int,
@@ -394,151 +541,26 @@ def _render_person(
     """Draw one pedestrian on a transparent supersampled ``ws x hs`` RGBA layer."""
     layer = Image.new("RGBA", (ws, hs), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
-    h = hs * ident.fig_frac * scale
-    top = (hs - h) / 2.0 + dy * hs
-    cx = ws / 2.0 + dx * ws
-    side = view == "side"
-    head_d = ident.head * h
-    sh_w = ident.shoulder * h * (0.55 if side else 1.0)
-    y_sh = top + head_d + 0.025 * h
-    y_hip = top + h * (1.0 - ident.leg)
-    leg_len = top + h - y_hip - 0.02 * h
-    leg_w = 0.095 * h * (1.2 if side else 1.0)
-    arm_w = 0.065 * h
-    arm_len = 0.37 * h
-    swing = float(rng.uniform(0.12, 0.4) if side else rng.uniform(0.0, 0.1))
-    phase = 1.0 if rng.random() < 0.5 else -1.0
-    skin, lower = ident.skin + (255,), ident.lower + (255,)
-    upper, shoes = ident.upper + (255,), ident.shoes + (255,)
-    hair, bagc = ident.hair + (255,), ident.bag_colour + (255,)
-
-    # legs (hip -> foot), drawn first; shorts/skirt show skin below
-    hips = [(cx, y_hip), (cx, y_hip)] if side else [(cx - sh_w * 0.22, y_hip), (cx + sh_w * 0.22, y_hip)]
-    spread = 0.0 if side else 0.05
-    for k, hip in enumerate(hips):
-        ang = phase * swing * (1 if k == 0 else -1) + spread * (-1 if k == 0 else 1)
-        foot = (hip[0] + leg_len * np.sin(ang), hip[1] + leg_len * np.cos(ang))
-        if ident.lower_kind == "trousers":
-            _limb(draw, hip, foot, leg_w, lower)
-        else:
-            _limb(draw, hip, foot, leg_w * 0.8, skin)
-            if ident.lower_kind == "shorts":
-                _limb(draw, hip, _along(hip, foot, 0.42), leg_w, lower)
-        sw = leg_w * 1.15
-        toe = 1.0 if (side and not flip) else 0.0
-        draw.ellipse(
-            [foot[0] - sw / 2, foot[1] - sw * 0.35, foot[0] + sw / 2 + toe * sw * 0.4, foot[1] + sw * 0.3],
-            fill=shoes,
-        )
-    if ident.lower_kind == "skirt":
-        hw = sh_w * (0.7 if side else 0.5)
-        y_end = y_hip + 0.5 * leg_len
-        draw.polygon(
-            [
-                (cx - hw * 0.85, y_hip - 0.02 * h),
-                (cx + hw * 0.85, y_hip - 0.02 * h),
-                (cx + hw * 1.25, y_end),
-                (cx - hw * 1.25, y_end),
-            ],
-            fill=lower,
-        )
-
-    # long hair falls behind the shoulders (visible around the torso)
-    if ident.long_hair:
-        hw = head_d * 0.55
-        draw.rectangle([cx - hw, top + head_d * 0.4, cx + hw, y_sh + 0.12 * h], fill=hair)
-    # backpack seen from behind / side sits over the torso, so draw the torso first
-    sh_pts = [(cx - sh_w / 2, y_sh), (cx + sh_w / 2, y_sh)]
-    if side:
-        sh_pts = [(cx, y_sh), (cx, y_sh)]
-
-    def arm(k: int, shoulder: tuple[float, float]) -> None:
-        out = 0.0 if side else (0.1 if k == 1 else -0.1)
-        ang = out - phase * swing * (1 if k == 0 else -1)
-        hand = (shoulder[0] + arm_len * np.sin(ang), shoulder[1] + arm_len * np.cos(ang))
-        if ident.sleeves == "long":
-            _limb(draw, shoulder, hand, arm_w, upper)
-            r = arm_w * 0.55
-            draw.ellipse([hand[0] - r, hand[1] - r, hand[0] + r, hand[1] + r], fill=skin)
-        else:
-            _limb(draw, shoulder, hand, arm_w * 0.85, skin)
-            _limb(draw, shoulder, _along(shoulder, hand, 0.35), arm_w * 1.05, upper)
-        if ident.bag == "handbag" and (k == 1) == (ident.bag_side > 0):
-            bw = 0.13 * h
-            box = [hand[0] - bw / 2, hand[1] - bw * 0.2, hand[0] + bw / 2, hand[1] + bw * 0.8]
-            draw.rounded_rectangle(box, radius=bw * 0.15, fill=bagc)
-
-    if side:  # far arm behind the body
-        arm(0, sh_pts[0])
+    p = _pose(ident, hs, ws, rng, view, scale, dx, dy)
+    _draw_legs(draw, ident, p, flip)
+    if ident.long_hair:  # long hair falls behind the shoulders (visible around the torso)
+        hw = p.head_d * 0.55
+        draw.rectangle([p.cx - hw, p.top + p.head_d * 0.4, p.cx + hw, p.y_sh + 0.12 * p.h], fill=_rgba(ident.hair))
+    sh_pts = [(p.cx, p.y_sh), (p.cx, p.y_sh)] if p.side else [(p.cx - p.sh_w / 2, p.y_sh),
+                                                              (p.cx + p.sh_w / 2, p.y_sh)]
+    if p.side:  # far arm behind the body, and a backpack seen from the side before the torso
+        _draw_arm(draw, ident, p, 0, sh_pts[0])
         if ident.bag == "backpack":
-            bw, bh = 0.16 * h, (y_hip - y_sh) * 0.8
-            bx = cx - sh_w / 2 - bw * 0.7
-            draw.rounded_rectangle([bx, y_sh, bx + bw, y_sh + bh], radius=bw * 0.2, fill=bagc)
-
-    # torso with texture
-    hip_w = sh_w * 0.88
-    x0, x1 = int(cx - sh_w / 2 - 2), int(np.ceil(cx + sh_w / 2 + 2))
-    y0, y1 = int(y_sh - 2), int(np.ceil(y_hip + 2))
-    x0c, y0c = max(0, x0), max(0, y0)
-    x1c, y1c = min(ws, x1), min(hs, y1)
-    if x1c > x0c and y1c > y0c:
-        mask = Image.new("L", (x1c - x0c, y1c - y0c), 0)
-        md = ImageDraw.Draw(mask)
-        r = sh_w * 0.18
-        poly = [
-            (cx - sh_w / 2, y_sh + r),
-            (cx - sh_w / 2 + r, y_sh),
-            (cx + sh_w / 2 - r, y_sh),
-            (cx + sh_w / 2, y_sh + r),
-            (cx + hip_w / 2, y_hip),
-            (cx - hip_w / 2, y_hip),
-        ]
-        md.polygon([(px - x0c, py - y0c) for px, py in poly], fill=255)
-        patch = _pattern_patch(ident, y1c - y0c, x1c - x0c, h, view)
-        if flip:  # keep the texture phase fixed on the body when the layer gets mirrored
-            patch = patch[:, ::-1]
-        layer.paste(Image.fromarray(np.ascontiguousarray(patch)).convert("RGBA"), (x0c, y0c), mask)
-        draw = ImageDraw.Draw(layer)
-
-    if ident.bag == "backpack" and view == "back":
-        bw, bh = sh_w * 0.7, (y_hip - y_sh) * 0.72
-        draw.rounded_rectangle(
-            [cx - bw / 2, y_sh + 0.04 * h, cx + bw / 2, y_sh + 0.04 * h + bh], radius=bw * 0.15, fill=bagc
-        )
-    elif ident.bag == "backpack" and view == "front":
-        for sgn in (-1, 1):
-            xs = cx + sgn * sh_w * 0.3
-            draw.line(
-                [(xs, y_sh), (xs + sgn * sh_w * 0.02, y_sh + (y_hip - y_sh) * 0.6)],
-                fill=bagc,
-                width=max(1, int(0.025 * h)),
-            )
-    if ident.bag == "handbag" and not side:  # strap across the chest
-        sgn = ident.bag_side
-        draw.line(
-            [(cx - sgn * sh_w * 0.4, y_sh), (cx + sgn * sh_w * 0.45, y_hip - 0.05 * h)],
-            fill=bagc,
-            width=max(1, int(0.02 * h)),
-        )
-    if side:
-        arm(1, sh_pts[1])
-    else:
-        arm(0, sh_pts[0])
-        arm(1, sh_pts[1])
-
-    # neck and head; hair cap in front, full hair from behind
-    nw = head_d * 0.35
-    draw.rectangle([cx - nw / 2, top + head_d * 0.8, cx + nw / 2, y_sh + 1], fill=skin)
-    hw = head_d * (0.42 if side else 0.4)
-    hy = top + head_d / 2
-    box = [cx - hw, hy - head_d / 2, cx + hw, hy + head_d / 2]
-    if view == "back":
-        draw.ellipse(box, fill=hair)
-    else:
-        draw.ellipse(box, fill=skin)
-        draw.chord([box[0] - 1, box[1] - 1, box[2] + 1, box[3] - head_d * 0.15], 180, 360, fill=hair)
-        if side:
-            draw.pieslice([box[0] - 1, box[1] - 1, box[2] + 1, box[3]], 90, 270, fill=hair)
+            bw, bh = 0.16 * p.h, (p.y_hip - p.y_sh) * 0.8
+            bx = p.cx - p.sh_w / 2 - bw * 0.7
+            draw.rounded_rectangle([bx, p.y_sh, bx + bw, p.y_sh + bh], radius=bw * 0.2,
+                                   fill=_rgba(ident.bag_colour))
+    _paste_torso(layer, ident, p, view, flip)
+    draw = ImageDraw.Draw(layer)
+    _draw_bags_over_torso(draw, ident, p, view)
+    for k in ((1,) if p.side else (0, 1)):
+        _draw_arm(draw, ident, p, k, sh_pts[k])
+    _draw_head(draw, ident, p, view)
     if flip:
         layer = layer.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return layer
@@ -708,25 +730,30 @@ def _name(pid: int, cam: int, rng: np.random.Generator, bb: int, frame: int | No
     return f"{pid_s}_c{cam}s{seq}_{frame:06d}_{bb:02d}.jpg"
 
 
+def _synth_config(config: SynthConfig | None, params: dict[str, Any]) -> SynthConfig:
+    names = {f.name for f in dataclasses.fields(SynthConfig)}
+    for k in params:
+        if k not in names:
+            close = difflib.get_close_matches(k, sorted(names), n=1)
+            raise ValueError(f"generate_synthetic: unknown parameter {k!r}"
+                             + (f" (did you mean {close[0]!r}?)" if close else "") + f"; valid: {sorted(names)}")
+    if isinstance(params.get("images_per_id_per_cam"), list):
+        params["images_per_id_per_cam"] = tuple(params["images_per_id_per_cam"])
+    return dataclasses.replace(config or SynthConfig(), **params)
+
+
 def generate_synthetic(
     out: str | os.PathLike,
+    config: SynthConfig | None = None,
     *,
-    num_train_ids: int = 100,
-    num_test_ids: int = 100,
-    num_cams: int = 6,
-    images_per_id_per_cam: tuple[int, int] = (2, 5),
-    height: int = 128,
-    width: int = 64,
-    num_distractors: int = 50,
-    num_junk: int = 20,
-    seed: int = 0,
     overwrite: bool = False,
-    jpeg_quality: int = 95,
     progress: bool = False,
-    imbalance: str = "none",
-    camera_bias: float = 0.0,
+    **params: Any,
 ) -> Path:
     """Write a Market-1501-format synthetic ReID dataset to ``out`` and return its path.
+
+    ``config`` (a :class:`SynthConfig`) or its fields as keywords (``num_train_ids=12, num_cams=3, ...``) say what
+    to generate.
 
     Train and test identities are disjoint (odd / even pids). Every identity appears in >= 2 random cameras;
     each test identity has exactly one query per camera plus >= 1 same-camera and >= 1 other-camera gallery
@@ -735,132 +762,26 @@ def generate_synthetic(
     ``overwrite`` only ever replaces a folder holding a ``synth_meta.json``. ``imbalance`` (``"zipf:1.2"``)
     and ``camera_bias`` (0.9) bias the training split only; see the module docstring.
     """
-    cfg = SynthConfig(
-        num_train_ids=num_train_ids,
-        num_test_ids=num_test_ids,
-        num_cams=num_cams,
-        images_per_id_per_cam=tuple(images_per_id_per_cam)
-        if isinstance(images_per_id_per_cam, list)
-        else images_per_id_per_cam,
-        height=height,
-        width=width,
-        num_distractors=num_distractors,
-        num_junk=num_junk,
-        seed=seed,
-        jpeg_quality=jpeg_quality,
-        imbalance=imbalance,
-        camera_bias=camera_bias,
-    )
+    cfg = _synth_config(config, params)
     cfg.validate()
     out = Path(out)
     _check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-
-    cams = {c: _make_camera(cfg.seed, c, cfg.height, cfg.width) for c in range(1, cfg.num_cams + 1)}
-    idents: dict[int, _Identity] = {}
     plan = _plan(cfg)
-    total = len(plan) + cfg.num_distractors + cfg.num_junk
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc=f"synth -> {out}", unit="img", disable=None)
-
+        bar = tqdm(total=len(plan) + cfg.num_distractors + cfg.num_junk, desc=f"synth -> {out}", unit="img",
+                   disable=None)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        dirs = {k: tmp / k for k in ("bounding_box_train", "bounding_box_test", "query")}
-        for d in dirs.values():
-            d.mkdir()
-        counts = {"train_images": 0, "query_images": 0, "gallery_images": 0}
-
-        def save(img: Image.Image, folder: str, name: str) -> None:
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=cfg.jpeg_quality)
-            path = dirs[folder] / name
-            if path.exists():  # cannot happen by construction; guard against silent overwrites
-                raise RuntimeError(f"duplicate synthetic file name {name}")
-            path.write_bytes(buf.getvalue())
-            if bar is not None:
-                bar.update(1)
-
-        for split, pid, cam, k in plan:
-            if pid not in idents:
-                idents[pid] = _sample_identity(_identity_rng(cfg.seed, pid))
-            rng = np.random.default_rng([cfg.seed, _NS_IMAGE, pid, cam, k])
-            img = _render_image(idents[pid], cams[cam], rng, cfg.height, cfg.width)
-            name = _name(pid, cam, rng, bb=k % 99 + 1)  # k >= 99 only under camera_bias: the random frame
-            # number keeps such names distinct (and save() refuses a clash)
-            if split == "train":
-                folder = "bounding_box_train"
-                counts["train_images"] += 1
-            elif k == 0:
-                folder = "query"
-                counts["query_images"] += 1
-            else:
-                folder = "bounding_box_test"
-                counts["gallery_images"] += 1
-            save(img, folder, name)
-
-        test_pids = [test_pid(j) for j in range(cfg.num_test_ids)]
-        for d in range(cfg.num_distractors):  # pid 0000: bad detections of strangers or empty background
-            rng = np.random.default_rng([cfg.seed, _NS_DISTRACTOR, d])
-            cam = int(rng.integers(1, cfg.num_cams + 1))
-            stranger = _sample_identity(rng)
-            mode = "background" if rng.random() < 0.35 else "fragment"
-            img = _render_image(stranger, cams[cam], rng, cfg.height, cfg.width, mode=mode)
-            save(img, "bounding_box_test", _name(0, cam, rng, bb=1, frame=900_000 + d))
-        for j in range(cfg.num_junk):  # pid -1: badly cut detections, half of them of real test identities
-            rng = np.random.default_rng([cfg.seed, _NS_JUNK, j])
-            cam = int(rng.integers(1, cfg.num_cams + 1))
-            if rng.random() < 0.5:
-                pid = test_pids[int(rng.integers(0, len(test_pids)))]
-                who = idents.get(pid) or _sample_identity(_identity_rng(cfg.seed, pid))
-            else:
-                who = _sample_identity(rng)
-            img = _render_image(who, cams[cam], rng, cfg.height, cfg.width, mode="fragment")
-            save(img, "bounding_box_test", _name(-1, cam, rng, bb=1, frame=800_000 + j))
-        counts["gallery_images"] += cfg.num_distractors + cfg.num_junk
-
-        meta = {
-            "generator": "advreid.data.synthetic",
-            "format": "market1501",
-            "format_version": FORMAT_VERSION,
-            "params": asdict(cfg),
-            "counts": {
-                **counts,
-                "train_ids": cfg.num_train_ids,
-                "test_ids": cfg.num_test_ids,
-                "distractors": cfg.num_distractors,
-                "junk": cfg.num_junk,
-                "cams": cfg.num_cams,
-            },
-            "train_bias": _bias_meta(cfg),
-            "pids": {
-                "train": f"odd 1..{train_pid(cfg.num_train_ids - 1)}",
-                "test": f"even 2..{test_pid(cfg.num_test_ids - 1)}",
-                "distractor": 0,
-                "junk": -1,
-            },
-        }
-        atomic_write_json(tmp / META_NAME, meta)
-        # swap into place: an old synthetic folder is moved aside first and deleted only after the rename
-        old = None
-        if out.is_dir():
-            if _is_empty_dir(out):
-                out.rmdir()
-            else:
-                _check_out(out, overwrite)  # re-check right before replacing anything
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                os.replace(out, old / "data")
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old is not None:  # put the previous dataset back
-                os.replace(old / "data", out)
-                old.rmdir()
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        writer = _Writer(tmp, cfg.jpeg_quality, bar)
+        cams = {c: _make_camera(cfg.seed, c, cfg.height, cfg.width) for c in range(1, cfg.num_cams + 1)}
+        idents = _write_identities(cfg, plan, cams, writer)
+        _write_distractors_and_junk(cfg, cams, idents, writer)
+        atomic_write_json(tmp / META_NAME, _meta(cfg, writer.counts))
+        _swap_into_place(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -868,3 +789,101 @@ def generate_synthetic(
         if bar is not None:
             bar.close()
     return out
+
+
+class _Writer:
+    """Writes JPEGs into the split folders of a temporary dataset folder and counts them."""
+
+    def __init__(self, root: Path, quality: int, bar: Any) -> None:
+        self.dirs = {k: root / k for k in ("bounding_box_train", "bounding_box_test", "query")}
+        for d in self.dirs.values():
+            d.mkdir()
+        self.quality, self.bar = quality, bar
+        self.counts = {"train_images": 0, "query_images": 0, "gallery_images": 0}
+
+    def save(self, img: Image.Image, folder: str, name: str) -> None:
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=self.quality)
+        path = self.dirs[folder] / name
+        if path.exists():  # cannot happen by construction; guard against silent overwrites
+            raise RuntimeError(f"duplicate synthetic file name {name}")
+        path.write_bytes(buf.getvalue())
+        if self.bar is not None:
+            self.bar.update(1)
+
+
+def _write_identities(cfg: SynthConfig, plan: list, cams: dict, writer: _Writer) -> dict[int, _Identity]:
+    """Render every planned image of the training and test identities; return the identities drawn."""
+    idents: dict[int, _Identity] = {}
+    for split, pid, cam, k in plan:
+        if pid not in idents:
+            idents[pid] = _sample_identity(_identity_rng(cfg.seed, pid))
+        rng = np.random.default_rng([cfg.seed, _NS_IMAGE, pid, cam, k])
+        img = _render_image(idents[pid], cams[cam], rng, cfg.height, cfg.width)
+        name = _name(pid, cam, rng, bb=k % 99 + 1)  # k >= 99 only under camera_bias: the random frame
+        # number keeps such names distinct (and save() refuses a clash)
+        if split == "train":
+            folder, count = "bounding_box_train", "train_images"
+        elif k == 0:
+            folder, count = "query", "query_images"
+        else:
+            folder, count = "bounding_box_test", "gallery_images"
+        writer.counts[count] += 1
+        writer.save(img, folder, name)
+    return idents
+
+
+def _write_distractors_and_junk(cfg: SynthConfig, cams: dict, idents: dict, writer: _Writer) -> None:
+    """Gallery pid 0000 (bad detections of strangers, empty background) and pid -1 (badly cut detections)."""
+    test_pids = [test_pid(j) for j in range(cfg.num_test_ids)]
+    for d in range(cfg.num_distractors):
+        rng = np.random.default_rng([cfg.seed, _NS_DISTRACTOR, d])
+        cam = int(rng.integers(1, cfg.num_cams + 1))
+        stranger = _sample_identity(rng)
+        mode = "background" if rng.random() < 0.35 else "fragment"
+        img = _render_image(stranger, cams[cam], rng, cfg.height, cfg.width, mode=mode)
+        writer.save(img, "bounding_box_test", _name(0, cam, rng, bb=1, frame=900_000 + d))
+    for j in range(cfg.num_junk):  # half of them of real test identities
+        rng = np.random.default_rng([cfg.seed, _NS_JUNK, j])
+        cam = int(rng.integers(1, cfg.num_cams + 1))
+        if rng.random() < 0.5:
+            pid = test_pids[int(rng.integers(0, len(test_pids)))]
+            who = idents.get(pid) or _sample_identity(_identity_rng(cfg.seed, pid))
+        else:
+            who = _sample_identity(rng)
+        img = _render_image(who, cams[cam], rng, cfg.height, cfg.width, mode="fragment")
+        writer.save(img, "bounding_box_test", _name(-1, cam, rng, bb=1, frame=800_000 + j))
+    writer.counts["gallery_images"] += cfg.num_distractors + cfg.num_junk
+
+
+def _meta(cfg: SynthConfig, counts: dict) -> dict:
+    return {
+        "generator": "advreid.data.synthetic", "format": "market1501", "format_version": FORMAT_VERSION,
+        "params": asdict(cfg),
+        "counts": {**counts, "train_ids": cfg.num_train_ids, "test_ids": cfg.num_test_ids,
+                   "distractors": cfg.num_distractors, "junk": cfg.num_junk, "cams": cfg.num_cams},
+        "train_bias": _bias_meta(cfg),
+        "pids": {"train": f"odd 1..{train_pid(cfg.num_train_ids - 1)}",
+                 "test": f"even 2..{test_pid(cfg.num_test_ids - 1)}", "distractor": 0, "junk": -1},
+    }
+
+
+def _swap_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished folder to ``out``; an old synthetic folder is moved aside first, deleted last."""
+    old = None
+    if out.is_dir():
+        if _is_empty_dir(out):
+            out.rmdir()
+        else:
+            _check_out(out, overwrite)  # re-check right before replacing anything
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "data")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:  # put the previous dataset back
+            os.replace(old / "data", out)
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -63,8 +63,9 @@ def _budget(adv: dict, key: str, default: str) -> float:
         raise ConfigError(f"config key 'adv.{key}': {e}") from None
 
 
-def resolve_adv(cfg: dict) -> dict | None:
+def resolve_adv(cfg: dict, *, check_source: bool = True) -> dict | None:
     """Validated, resolved ``adv`` settings (eps/alpha as floats in [0,1] units, source_run absolute), or None.
+    ``check_source=False`` skips the offline source run (a bench trains it first).
 
     Raises :class:`~advreid.config.ConfigError` naming the ``adv.*`` key that is wrong.
     """
@@ -89,20 +90,6 @@ def resolve_adv(cfg: dict) -> dict | None:
     if adv["eps_space"] != "pixel":
         raise ConfigError("config key 'adv.eps_space' = 'normalized' is only supported with adv.method=goat; "
                           "offline AT budgets are in [0,1] pixel units (adv.eps_space=pixel)")
-    src = adv.get("source_run")
-    if src is None or (isinstance(src, str) and not src.strip()):
-        raise ConfigError("config key 'adv.source_run' is not set: adv.method=offline needs the run directory of a "
-                          "trained (frozen) model whose attacks make the adversarial training set, e.g. "
-                          "adv.source_run=runs/baseline")
-    src_path = Path(str(src)).expanduser().resolve()
-    if not src_path.is_dir():
-        raise ConfigError(f"config key 'adv.source_run' = {str(src)!r}: no such run directory")
-    from advreid.models import find_checkpoint
-
-    try:
-        stem = find_checkpoint(src_path)
-    except FileNotFoundError as e:
-        raise ConfigError(f"config key 'adv.source_run' = {str(src)!r}: {e}") from None
     from advreid.attacks import list_attacks
 
     attack = adv.get("attack")
@@ -124,8 +111,24 @@ def resolve_adv(cfg: dict) -> dict | None:
     if unknown:
         raise ConfigError(f"config key 'adv.attack_params': attack {attack!r} has no parameter(s) {unknown}; "
                           f"allowed: {sorted(allowed)}")
-    out.update(source_run=str(src_path), source_checkpoint=str(stem), attack=attack.lower(),
-               attack_params=dict(params), mix=adv["mix"])
+    out.update(attack=attack.lower(), attack_params=dict(params), mix=adv["mix"])
+    if not check_source:  # a bench names the source run before it has been trained
+        return out
+    src = adv.get("source_run")
+    if src is None or (isinstance(src, str) and not src.strip()):
+        raise ConfigError("config key 'adv.source_run' is not set: adv.method=offline needs the run directory of a "
+                          "trained (frozen) model whose attacks make the adversarial training set, e.g. "
+                          "adv.source_run=runs/baseline")
+    src_path = Path(str(src)).expanduser().resolve()
+    if not src_path.is_dir():
+        raise ConfigError(f"config key 'adv.source_run' = {str(src)!r}: no such run directory")
+    from advreid.models import find_checkpoint
+
+    try:
+        stem = find_checkpoint(src_path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config key 'adv.source_run' = {str(src)!r}: {e}") from None
+    out.update(source_run=str(src_path), source_checkpoint=str(stem))
     return out
 
 
@@ -225,8 +228,7 @@ def prepare_offline_adv(
     atomically. A complete manifest with the same key (attack parameters, source checkpoint hash, records, size)
     and all its files present is reused without regenerating. Records keep the originals' pid and camid.
     """
-    from advreid.attacks import build, save_images
-    from advreid.evaluation.robustness import build_guide_bank
+    from advreid.attacks import GuideBank, build, save_images
     from advreid.models import load_checkpoint
     from advreid.utils.io import atomic_write_json
 
@@ -280,8 +282,8 @@ def prepare_offline_adv(
     guides = None
     needs_guides = bool(getattr(attack, "needs_guides", False))
     if needs_guides:
-        guides = build_guide_bank(source, records, "train", height=height, width=width, batch_size=batch_size,
-                                  num_workers=num_workers)
+        guides = GuideBank.from_images(source, ImageDataset(records, build_transforms(height, width, is_train=False)),
+                                       source="train", batch_size=batch_size, device=device, num_workers=num_workers)
     mine = list(range(rank, len(records), max(world, 1)))
     ds = torch.utils.data.Subset(ImageDataset(records, build_transforms(height, width, is_train=False)), mine)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,

@@ -61,11 +61,11 @@ def compute_distance_matrix(
     b_sq = None if metric == "cosine" else (b * b).sum(1)
     for i0 in range(0, m, chunk_size):
         ai = a[i0:i0 + chunk_size]
-        _rows_into(ai, b, b_sq, metric, out[i0:i0 + ai.shape[0]])
+        rows_into(ai, b, b_sq, metric, out[i0:i0 + ai.shape[0]])
     return out
 
 
-def _rows_into(ai: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor | None, metric: str,
+def rows_into(ai: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor | None, metric: str,
                out: torch.Tensor) -> torch.Tensor:
     """Write the distances of rows ``ai`` to all rows of ``b`` into ``out``.
 
@@ -80,9 +80,9 @@ def _rows_into(ai: torch.Tensor, b: torch.Tensor, b_sq: torch.Tensor | None, met
     return out
 
 
-def _pair_distances(x: torch.Tensor, x_sq: torch.Tensor | None, i: torch.Tensor, j: torch.Tensor,
+def pair_distances(x: torch.Tensor, x_sq: torch.Tensor | None, i: torch.Tensor, j: torch.Tensor,
                     metric: str) -> torch.Tensor:
-    """Distances between rows ``x[i[k]]`` and ``x[j[k]]``, by the same formula as ``_rows_into``."""
+    """Distances between rows ``x[i[k]]`` and ``x[j[k]]``, by the same formula as ``rows_into``."""
     dot = (x[i] * x[j]).sum(1)
     if metric == "cosine":
         return dot.neg_().add_(1.0)

@@ -10,10 +10,12 @@ import torch
 from torch import nn
 
 from advreid.data import ImageDataset, Record, build_transforms
+from advreid.evaluation.bootstrap import metric_intervals, per_query_to_json
 from advreid.evaluation.distance import compute_distance_matrix
-from advreid.evaluation.features import extract_features
+from advreid.evaluation.protocol import EvalProtocol
 from advreid.evaluation.rank import evaluate_rank
 from advreid.evaluation.rerank import re_ranking_features
+from advreid.models.features import extract_features
 
 
 def evaluate_features(
@@ -28,15 +30,27 @@ def evaluate_features(
     rerank: bool = False,
     ap: str = "standard",
     max_rank: int = 50,
+    intervals: bool = True,
 ) -> dict:
-    """rank-1/5/10, mAP, mINP of query features against gallery features (re-ranked when asked)."""
+    """rank-1/5/10, mAP, mINP of query features against gallery features (re-ranked when asked).
+
+    With ``intervals`` (default) also: ``<metric>_ci`` = [lo, hi], the 95% percentile-bootstrap interval over
+    queries (1,000 resamples, seed 0: :func:`advreid.evaluation.metric_intervals`), ``cmc`` (the curve up to
+    ``max_rank``) and ``per_query`` (first-match rank, AP and INP of every query, JSON form of
+    :func:`advreid.evaluation.per_query_to_json`; writers move it to a side file).
+    """
     if rerank:
         distmat = re_ranking_features(qf, gf)
     else:
         distmat = compute_distance_matrix(qf, gf, metric=metric)
-    res = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank, ap=ap)
+    res = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank, ap=ap,
+                        return_per_query=intervals)
     out = res.to_dict()
     out["num_valid_queries"] = int(res.num_valid_queries)
+    if intervals and res.num_valid_queries > 0:
+        out.update(metric_intervals(res))
+        out["cmc"] = [round(float(v), 6) for v in res.cmc]
+        out["per_query"] = per_query_to_json(res)
     return out
 
 
@@ -44,36 +58,32 @@ def evaluate_model(
     model: nn.Module,
     query: Sequence[Record],
     gallery: Sequence[Record],
+    protocol: EvalProtocol | None = None,
     *,
-    metric: str = "cosine",
-    normalize: bool = True,
-    flip: bool = False,
-    rerank: bool = False,
-    ap: str = "standard",
-    batch_size: int = 128,
-    height: int = 256,
-    width: int = 128,
     device: torch.device | str | None = None,
     num_workers: int = 0,
     progress: bool = False,
+    **protocol_fields: object,
 ) -> dict:
-    """Evaluate ``model`` on query/gallery records under the Market-1501 protocol; returns a flat dict of metrics.
-
-    With ``rerank=True`` both the plain and the re-ranked scores are returned (keys prefixed ``rr_``).
-    """
+    """Evaluate ``model`` on query/gallery records under the Market-1501 protocol; returns a flat dict of metrics
+    with their bootstrap intervals. ``protocol`` (or its fields as keywords: ``metric``, ``flip``, ``rerank``,
+    ``height``...) says how; with ``rerank`` both the plain and the re-ranked scores are returned (``rr_`` keys)."""
+    protocol = (protocol or EvalProtocol()).replace(**protocol_fields) if protocol_fields else \
+        (protocol or EvalProtocol())
     t0 = time.perf_counter()
-    tf = build_transforms(height, width, is_train=False)
-    kw = dict(batch_size=batch_size, flip=flip, normalize=normalize, device=device, num_workers=num_workers,
-              progress=progress)
+    tf = build_transforms(protocol.height, protocol.width, is_train=False)
+    kw = dict(batch_size=protocol.batch_size, flip=protocol.flip, normalize=protocol.normalize, device=device,
+              num_workers=num_workers, progress=progress)
     qf, qp, qc = extract_features(model, ImageDataset(list(query), tf), desc="query", **kw)
     gf, gp, gc = extract_features(model, ImageDataset(list(gallery), tf), desc="gallery", **kw)
     t1 = time.perf_counter()
-    out = evaluate_features(qf, qp, qc, gf, gp, gc, metric=metric, ap=ap)
-    if rerank:
-        rr = evaluate_features(qf, qp, qc, gf, gp, gc, metric=metric, rerank=True, ap=ap)
+    out = evaluate_features(qf, qp, qc, gf, gp, gc, metric=protocol.metric, ap=protocol.ap)
+    if protocol.rerank:
+        rr = evaluate_features(qf, qp, qc, gf, gp, gc, metric=protocol.metric, rerank=True, ap=protocol.ap)
         out.update({f"rr_{k}": v for k, v in rr.items() if k != "num_valid_queries"})
     out["extract_s"] = round(t1 - t0, 3)
     out["score_s"] = round(time.perf_counter() - t1, 3)
-    out["protocol"] = {"metric": metric, "normalize": normalize, "flip": flip, "ap": ap, "rerank": rerank,
-                       "num_query": len(query), "num_gallery": len(gallery)}
+    out["protocol"] = {"metric": protocol.metric, "normalize": protocol.normalize, "flip": protocol.flip,
+                       "ap": protocol.ap, "rerank": protocol.rerank, "num_query": len(query),
+                       "num_gallery": len(gallery)}
     return out

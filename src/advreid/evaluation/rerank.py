@@ -30,7 +30,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from advreid.evaluation.distance import METRICS, _pair_distances, _rows_into
+from advreid.evaluation.distance import METRICS, pair_distances, rows_into
 
 # elements of one row block of the N x N working matrix (float32: 32 MiB)
 _BLOCK_ELEMS = 1 << 23
@@ -311,12 +311,12 @@ def _symmetric_neighbours(
     xs, xs_sq = x[sample], None if x_sq is None else x_sq[sample]
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
-        d = _rows_into(x[r0:r1], xs, xs_sq, metric, flat[: (r1 - r0) * ns].view(r1 - r0, ns)).square_()
+        d = rows_into(x[r0:r1], xs, xs_sq, metric, flat[: (r1 - r0) * ns].view(r1 - r0, ns)).square_()
         bound[r0:r1] = (torch.kthvalue(d, min(kk, ns), dim=1).values * (1 + 1e-4) + 1e-30).cpu().numpy()
     for r0 in reversed(range(0, n, chunk)):
         r1 = min(n, r0 + chunk)
         c, w = r1 - r0, n - r0
-        blk = _rows_into(x[r0:r1], x[r0:], None if x_sq is None else x_sq[r0:], metric,
+        blk = rows_into(x[r0:r1], x[r0:], None if x_sq is None else x_sq[r0:], metric,
                          flat[: c * w].view(c, w)).square_()
         rowmax[r0:r1] = blk.amax(1)
         k_own = min(kk, w)
@@ -407,7 +407,7 @@ def re_ranking_features(
             mm = miss[s:s + 4096]
             ti = torch.as_tensor(i[mm], device=dev)
             with torch.no_grad():
-                d = _pair_distances(x, x_sq, ti, torch.as_tensor(j[mm], device=dev), metric)
+                d = pair_distances(x, x_sq, ti, torch.as_tensor(j[mm], device=dev), metric)
                 res[mm] = (d.square_() / rowmax[ti]).cpu().numpy()
         return res
 

@@ -44,11 +44,12 @@ from advreid.engine import (
 )
 from advreid.engine.distributed import barrier, setup_device, teardown, wrap_ddp
 from advreid.losses import ReIDLoss
-from advreid.models import CheckpointMismatchError, build_model, find_checkpoint, read_checkpoint
-from advreid.registry import Preset, Registry
+from advreid.models import CheckpointMismatchError, ReIDNet, build_model, find_checkpoint, read_checkpoint
+from advreid.registry import Preset, Registry, RegistryError, did_you_mean
 from advreid.utils.io import atomic_write_text, prepare_run_dir
 
-__all__ = ["TRAIN_STEPS", "TrainResult", "TrainingRun", "build_trainer", "register_train_step", "train"]
+__all__ = ["TRAIN_STEPS", "TrainResult", "TrainingRun", "build_trainer", "check_train_config", "register_train_step",
+           "train"]
 
 # Training steps selectable by ``train.step`` (``train.step_params`` override the preset). A step is a callable
 # ``step(trainer) -> loss parts``; the builder receives the resolved config and the model.
@@ -125,6 +126,28 @@ def _check_folder(run_dir: Path, resume: bool, overwrite: bool) -> Path | None:
         return None  # a start that failed before its first checkpoint: the same command starts it over
     raise FileExistsError(f"run directory {run_dir} already exists and is not empty; pass --resume to continue it or "
                           "--overwrite to start over (the old one is kept as .old-N)")
+
+
+def check_train_config(source: dict | str | Path | None, overrides: list[str] | None = None) -> dict:
+    """Resolve a training config and check every name in it against its registry (model, proactive defense,
+    adversarial training and its attack, training step) without touching data; the resolved config."""
+    from advreid.defenses import resolve_adv
+    from advreid.models import BACKBONES, MODELS
+
+    cfg = load_config(source, overrides)
+    name = cfg["model"]["name"]
+    if name not in MODELS and name not in BACKBONES:
+        raise RegistryError(f"config key 'model.name' = {name!r}: unknown model"
+                            f"{did_you_mean(name, MODELS.names() + BACKBONES.names())}")
+    (MODELS.get(name) if name in MODELS else Preset("model", name, ReIDNet, exclude=("num_classes",))).check(
+        _model_kwargs(cfg["model"]))
+    _proactive(cfg["defense"])
+    resolve_adv(cfg, check_source=False)
+    _configured_step(cfg)
+    epochs = cfg["train"]["epochs"]
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"config key 'train.epochs' = {epochs!r}; expected an integer >= 1")
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------------- pieces
@@ -302,13 +325,13 @@ def _hooks(p: TrainingRun, run_dir: Path, adv_info: dict | None, extra: Sequence
 
 
 def _evaluator(p: TrainingRun) -> Callable[[nn.Module], dict]:
-    from advreid.evaluation import evaluate_model
+    from advreid.evaluation import EvalProtocol, evaluate_model
 
     e, d = p.cfg["eval"], p.cfg["data"]
-    kw = {"metric": e["metric"], "normalize": e["normalize"], "flip": e["flip"], "rerank": e["rerank"],
-          "ap": e["ap"], "batch_size": e["batch_size"], "height": d["height"], "width": d["width"],
-          "device": p.device, "num_workers": d["num_workers"]}
-    return lambda model: evaluate_model(model, p.dataset.query, p.dataset.gallery, **kw)
+    proto = EvalProtocol(metric=e["metric"], normalize=e["normalize"], flip=e["flip"], rerank=e["rerank"],
+                         ap=e["ap"], batch_size=e["batch_size"], height=d["height"], width=d["width"])
+    return lambda model: evaluate_model(model, p.dataset.query, p.dataset.gallery, proto, device=p.device,
+                                        num_workers=d["num_workers"])
 
 
 # --------------------------------------------------------------------------------------------- the command

@@ -18,6 +18,7 @@ from advreid.models.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from advreid.models.features import embed, extract_features
 from advreid.models.pretrained import (
     PretrainedWeightsError,
     PretrainedWeightsNotFound,
@@ -30,12 +31,9 @@ from advreid.models.pretrained import (
 from advreid.models.reidnet import HEADS, IMAGENET_MEAN, IMAGENET_STD, MODELS, ReIDNet, build_model
 
 __all__ = [
-    "BACKBONES", "CNN4", "HEADS", "IBN", "IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "POOLINGS",
-    "CheckpointError", "CheckpointMismatchError", "GeM", "PretrainedWeightsError",
-    "PretrainedWeightsNotFound",
-    "ReIDNet", "build_backbone", "build_model", "build_pooling", "checkpoint_paths", "find_checkpoint",
-    "hub_checkpoint_dir",
-    "load_checkpoint", "load_pretrained_backbone", "read_checkpoint", "read_state_dict_file",
-    "save_checkpoint",
-    "weights_file_name", "weights_url",
+    "BACKBONES", "CNN4", "HEADS", "IBN", "IMAGENET_MEAN", "IMAGENET_STD", "MODELS", "POOLINGS", "CheckpointError",
+    "CheckpointMismatchError", "GeM", "PretrainedWeightsError", "PretrainedWeightsNotFound", "ReIDNet",
+    "build_backbone", "build_model", "build_pooling", "checkpoint_paths", "embed", "extract_features",
+    "find_checkpoint", "hub_checkpoint_dir", "load_checkpoint", "load_pretrained_backbone", "read_checkpoint",
+    "read_state_dict_file", "save_checkpoint", "weights_file_name", "weights_url",
 ]

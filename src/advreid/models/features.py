@@ -1,4 +1,5 @@
-"""Batched feature extraction with the model's own embedding function (the one attacks use too)."""
+"""Batched feature extraction with the model's own embedding function: the one implementation used by the
+evaluation (clean and attacked features) and by the attacks' guide banks."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def extract_features(
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # restored one by one: mixed modes come back as they were
     model.eval()
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
@@ -53,7 +54,8 @@ def extract_features(
             pids.append(torch.as_tensor(pid))
             camids.append(torch.as_tensor(cam))
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
     if not feats:
         raise ValueError(f"{desc}: the dataset is empty, nothing to extract")
     return torch.cat(feats), torch.cat(pids), torch.cat(camids)

@@ -1,0 +1,224 @@
+"""Benchmark grids on the one config system: the schema, validation of every name against its registry before
+anything is trained, and the enumeration of cells (model x dataset x defense x attack x threat model).
+
+A bench config (YAML in ``configs/bench`` or a file, ``_base_`` inheritance, ``KEY=VALUE`` overrides) has free-form
+sections ``datasets``, ``models``, ``defenses``, ``attacks`` (user keys -> specs), the ``grid`` (blocks naming those
+keys) and ``tables``. Without a passive defense both threat models are the same white-box attack, one cell.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from advreid.config import ConfigError, load_config, preset_dir
+from advreid.registry import did_you_mean
+
+__all__ = ["BENCH_SCHEMA", "BENCH_THREATS", "Cell", "attack_spec", "bench_dir", "cell_key", "cells",
+           "list_bench_presets", "load_bench_config", "spec_of"]
+
+BENCH_THREATS = ("non_adaptive", "adaptive")
+SETTINGS: dict[str, Any] = {
+    "rerank": True, "max_images": None, "batch_size": 32, "eot_samples": 10, "side": "query", "quantize": None,
+    "reencode": None, "num_workers": 2, "progress": True, "save_features": True, "report": True,
+}
+BENCH_SCHEMA: dict[str, Any] = {
+    "name": None, "description": None, "seed": 0, "device": "auto", "datasets": None, "models": None,
+    "defenses": None, "attacks": None, "settings": SETTINGS, "grid": None, "tables": None, "ranklist": None,
+    "report": None,
+}
+_ATTACK_KEYS = {"name", "eps", "alpha", "steps", "params"}
+_MODEL_KEYS = {"run", "config", "train_on", "overrides", "source"}
+_DATASET_KEYS = {"name", "root", "synthetic"}
+_TABLE_KEYS = {"name", "title", "kind", "dataset", "datasets", "rows", "columns", "threats", "rerank"}
+_BLOCK_KEYS = {"models", "datasets", "defenses", "attacks", "threats"}
+SYNTH_KEYS = {"ids": "num_train_ids", "test_ids": "num_test_ids", "cams": "num_cams", "height": "height",
+              "width": "width", "seed": "seed", "distractors": "num_distractors", "junk": "num_junk",
+              "imbalance": "imbalance", "camera_bias": "camera_bias"}
+
+Cell = tuple[str, str, str, str, str]  # (model, dataset, defense, attack, threat)
+
+
+def bench_dir() -> Path:
+    """Folder of the shipped benchmark presets (``configs/bench``)."""
+    return preset_dir() / "bench"
+
+
+def list_bench_presets() -> list[str]:
+    return sorted(p.stem for p in bench_dir().glob("*.yaml"))
+
+
+def _err(where: str, msg: str) -> ConfigError:
+    return ConfigError(f"bench config {where}: {msg}")
+
+
+def load_bench_config(source: str | Path | dict, overrides: Sequence[str] | None = None) -> dict:
+    """A bench config (file, preset name in ``configs/bench`` or dict) with ``KEY=VALUE`` overrides, validated:
+    structure, and every dataset parser, model config, passive defense and attack (with its parameters) checked
+    against its registry, so a typo fails before anything is trained."""
+    where = "<dict>" if isinstance(source, dict) else str(source)
+    cfg = load_config(copy.deepcopy(source) if isinstance(source, dict) else source, list(overrides or []),
+                      schema=BENCH_SCHEMA, folder=bench_dir())
+    if not isinstance(source, dict) and cfg.get("name") is None:
+        cfg["name"] = Path(str(source)).stem
+    cfg["name"] = cfg.get("name") or "bench"
+    cfg["defenses"] = cfg.get("defenses") or {"none": None}
+    _validate_structure(cfg, where)
+    _validate_names(cfg, where)
+    return cfg
+
+
+def _unknown(keys: set, allowed: set, at: str, where: str) -> None:
+    for k in sorted(keys - allowed):
+        raise _err(where, f"unknown key {at}{k!r}{did_you_mean(k, allowed)}; valid: {', '.join(sorted(allowed))}")
+
+
+def _validate_structure(cfg: dict, where: str) -> None:
+    for sec in ("datasets", "models", "attacks", "grid"):
+        if not cfg.get(sec):
+            raise _err(where, f"{sec!r} is missing or empty")
+    s = cfg["settings"]
+    if s["side"] not in ("query", "gallery"):
+        raise _err(where, f"settings.side={s['side']!r}; expected query or gallery")
+    for key, d in cfg["datasets"].items():
+        if not isinstance(d, dict):
+            raise _err(where, f"datasets.{key} must be a mapping like {{name: market1501, root: /data/Market}}")
+        _unknown(set(d), _DATASET_KEYS, f"datasets.{key}.", where)
+        if d.get("root") is None and d.get("synthetic") is None:
+            raise _err(where, f"datasets.{key}: give root: PATH (or synthetic: {{...}} for generated data); "
+                              f"override with datasets.{key}.root=PATH")
+        _unknown(set(d.get("synthetic") or {}), set(SYNTH_KEYS), f"datasets.{key}.synthetic.", where)
+    for key, m in cfg["models"].items():
+        if not isinstance(m, dict):
+            raise _err(where, f"models.{key} must be a mapping ({{run: DIR}} or {{config: PRESET, train_on: DATA}})")
+        _unknown(set(m), _MODEL_KEYS, f"models.{key}.", where)
+        if m.get("run") is None and m.get("config") is None:
+            raise _err(where, f"models.{key}: give run: DIR (a trained run) or config: PRESET (trained here)")
+        if m.get("config") is not None and m.get("train_on") not in cfg["datasets"]:
+            raise _err(where, f"models.{key}.train_on={m.get('train_on')!r}; expected one of the datasets: "
+                              f"{', '.join(cfg['datasets'])}")
+        if m.get("source") is not None and m["source"] not in cfg["models"]:
+            raise _err(where, f"models.{key}.source={m['source']!r} is not a model of this bench")
+    for key, a in cfg["attacks"].items():
+        if a is None:
+            continue
+        if not isinstance(a, dict) or "name" not in a:
+            raise _err(where, f"attacks.{key} must be null (no attack) or a mapping with a name, e.g. {{name: lta}}")
+        _unknown(set(a), _ATTACK_KEYS, f"attacks.{key}.", where)
+    for key, d in cfg["defenses"].items():
+        if d is not None and (not isinstance(d, dict) or "name" not in d or set(d) - {"name", "params"}):
+            raise _err(where, f"defenses.{key} must be null (no defense) or {{name: cs, params: {{...}}}}")
+    _validate_grid(cfg, where)
+    for i, t in enumerate(cfg.get("tables") or []):
+        _unknown(set(t), _TABLE_KEYS, f"tables[{i}].", where)
+        if t.get("kind", "attack") not in ("attack", "clean", "cross_domain"):
+            raise _err(where, f"tables[{i}].kind={t.get('kind')!r}; expected attack, clean or cross_domain")
+
+
+def _validate_grid(cfg: dict, where: str) -> None:
+    grid = cfg["grid"]
+    if not isinstance(grid, list):
+        raise _err(where, "grid must be a list of blocks {models, datasets, defenses, attacks, threats}")
+    for i, b in enumerate(grid):
+        if not isinstance(b, dict):
+            raise _err(where, f"grid[{i}] must be a mapping {{models, datasets, defenses, attacks, threats}}")
+        _unknown(set(b), _BLOCK_KEYS, f"grid[{i}].", where)
+        for sec in ("models", "datasets", "defenses", "attacks"):
+            names = b.get(sec, list(cfg[sec]) if sec != "datasets" else None)
+            if names is None:
+                names = [cfg["models"][m].get("train_on") for m in b.get("models", [])]
+            for n in names:
+                if n not in cfg[sec]:
+                    raise _err(where, f"grid[{i}].{sec}: {n!r} is not defined under {sec}"
+                                      f"{did_you_mean(str(n), map(str, cfg[sec]))} ({', '.join(map(str, cfg[sec]))})")
+        for t in b.get("threats", ["non_adaptive"]):
+            if t not in BENCH_THREATS:
+                raise _err(where, f"grid[{i}].threats: {t!r}; expected {', '.join(BENCH_THREATS)}")
+
+
+def attack_spec(cfg: dict, key: str, seed: int | None = None) -> Any:
+    """The :class:`~advreid.evaluation.AttackSpec` of ``attacks.<key>`` with the bench settings (side,
+    quantisation) and seed; None for the no-attack column."""
+    from advreid.evaluation import AttackSpec
+
+    a = cfg["attacks"][key]
+    if a is None:
+        return None
+    s = cfg["settings"]
+    return AttackSpec(a["name"], eps=a.get("eps", "5px"), alpha=a.get("alpha"), steps=a.get("steps"),
+                      params=a.get("params") or {}, side=s["side"], quantize=s["quantize"], reencode=s["reencode"],
+                      seed=int(cfg["seed"] if seed is None else seed))
+
+
+def _validate_names(cfg: dict, where: str) -> None:
+    """Every registry name (and parameter) of the config, checked now rather than after hours of training."""
+    from advreid.data import DATASETS
+    from advreid.defenses import build_passive
+    from advreid.experiments.training import check_train_config
+
+    for key, d in cfg["datasets"].items():
+        name = d.get("name", "market1501")
+        if name not in DATASETS:
+            raise _err(where, f"datasets.{key}.name={name!r}: unknown dataset parser{did_you_mean(name, DATASETS)} "
+                              f"({', '.join(DATASETS.names())})")
+    for key in cfg["attacks"]:
+        try:
+            attack_spec(cfg, key)
+        except (KeyError, TypeError, ValueError) as e:
+            raise _err(where, f"attacks.{key}: {e}") from None
+    for key, d in cfg["defenses"].items():
+        if d is not None:
+            try:
+                build_passive(d["name"], d.get("params"))
+            except (KeyError, TypeError, ValueError) as e:
+                raise _err(where, f"defenses.{key}: {e}") from None
+    for key, m in cfg["models"].items():
+        if m.get("config") is not None:
+            try:
+                check_train_config(m["config"], list(m.get("overrides") or []))
+            except (KeyError, TypeError, ValueError) as e:
+                raise _err(where, f"models.{key}: {e}") from None
+
+
+def cell_key(model: str, dataset: str, defense: str, attack: str, threat: str) -> str:
+    """File-system-safe name of one grid cell."""
+    raw = f"{model}__{dataset}__{defense}__{attack}__{threat}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", raw)
+
+
+def canonical_threat(defense_spec: dict | None, attack_spec_: dict | None, threat: str) -> str:
+    """clean (no attack), white_box (no defense), else the block's threat model."""
+    if attack_spec_ is None:
+        return "clean"
+    if defense_spec is None:
+        return "white_box"
+    return threat
+
+
+def cells(cfg: dict) -> list[Cell]:
+    """All distinct (model, dataset, defense, attack, threat) cells of the grid, in grid order."""
+    out, seen = [], set()
+    for b in cfg["grid"]:
+        for m in b.get("models", list(cfg["models"])):
+            for d in b.get("datasets") or [cfg["models"][m].get("train_on")]:
+                for df in b.get("defenses", list(cfg["defenses"])):
+                    for a in b.get("attacks", list(cfg["attacks"])):
+                        for t in b.get("threats", ["non_adaptive"]):
+                            c = (m, d, df, a, canonical_threat(cfg["defenses"][df], cfg["attacks"][a], t))
+                            if c not in seen:
+                                seen.add(c)
+                                out.append(c)
+    return out
+
+
+def spec_of(cfg: dict, cell: Cell) -> dict:
+    """What a cell's result depends on (compared on resume: a changed spec is recomputed)."""
+    m, d, f, a, _t = cell
+    return {"model": cfg["models"][m], "dataset": cfg["datasets"][d], "defense": cfg["defenses"][f],
+            "attack": cfg["attacks"][a], "settings": {k: v for k, v in cfg["settings"].items()
+                                                     if k not in ("progress", "num_workers", "save_features",
+                                                                  "report")},
+            "seed": cfg["seed"]}

@@ -1,0 +1,173 @@
+"""Tables of a benchmark's results document (``results.json``), in the seed paper's shapes: attack tables (rows =
+model [+ defense] per threat model, columns = attacks), clean accuracy, cross-domain. Every cell shows R1 / mAP (%)
+with its 95% bootstrap interval when the results carry one; every table states its protocol (each column's attack
+as its registry name and parameters, side, quantisation, threat models, re-ranking). Reads result dicts only.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from advreid.reporting.tables import format_grid
+from advreid.utils.io import atomic_write_text
+
+__all__ = ["build_tables", "format_bench_table", "format_metric", "write_tables"]
+
+
+def _metrics(cell: dict) -> dict:
+    return cell["runs"][0]["attacked"] if cell.get("runs") else cell["clean"]
+
+
+def format_metric(m: dict | None, rr: bool = False, *, intervals: bool = True) -> str:
+    """``R1 / mAP`` in percent, each with its interval when present: ``37.5 [33.0, 42.1] / 30.9 [27.5, 34.6]``."""
+    if m is None:
+        return "-"
+    p = "rr_" if rr else ""
+    if f"{p}rank1" not in m:
+        return "-"
+
+    def one(name: str) -> str:
+        v = f"{100 * m[p + name]:.1f}"
+        ci = m.get(f"{p}{name}_ci")
+        return f"{v} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if intervals and ci else v
+
+    return f"{one('rank1')} / {one('mAP')}"
+
+
+def _row_parts(row: str) -> tuple[str, str]:
+    """``"jad+cs"`` -> ("jad", "cs"); ``"baseline"`` -> ("baseline", "none")."""
+    model, _, defense = str(row).partition("+")
+    return model, defense or "none"
+
+
+def _canon(cfg: dict, defense: str, attack: str, threat: str) -> str:
+    if cfg["attacks"].get(attack) is None:
+        return "clean"
+    return "white_box" if cfg["defenses"].get(defense) is None else threat
+
+
+def _auto_tables(cfg: dict) -> list[dict]:
+    tables = []
+    for i, b in enumerate(cfg["grid"]):
+        models = b.get("models", list(cfg["models"]))
+        defenses = b.get("defenses", list(cfg["defenses"]))
+        dsets = b.get("datasets") or sorted({cfg["models"][m].get("train_on") for m in models})
+        for d in dsets:
+            tables.append({"name": f"grid{i}_{d}", "kind": "attack", "dataset": d,
+                           "rows": [m if f == "none" else f"{m}+{f}" for m in models for f in defenses],
+                           "columns": b.get("attacks", list(cfg["attacks"])),
+                           "threats": b.get("threats", ["non_adaptive"]), "rerank": "both"})
+    return tables
+
+
+def _protocol_line(cfg: dict, columns: list[str], cells: list[dict]) -> str:
+    """The table's protocol, derived from the cells that fill it (their attack labels) and the settings."""
+    s = cfg["settings"]
+    labels = {}
+    for c in cells:
+        a = c["cell"]["attack"]
+        if a in columns and c.get("label"):
+            labels.setdefault(a, c["label"].split(";")[0])
+    cols = "; ".join(f"{a} = {labels.get(a, 'not run')}" for a in columns if cfg["attacks"].get(a) is not None)
+    quant = f"quantize {s['quantize'] or 'none'}, re-encode {s['reencode'] or 'none'}"
+    parts = [f"{s['side']} attack", cols, quant, "cells R1 / mAP (%) [95% bootstrap interval over queries]",
+             "threat models: white-box (no defense), non-adaptive (attack on the bare model, defense at test time), "
+             "adaptive (attack through the defense; BPDA, EOT when random)",
+             "RK = k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)"]
+    if s["max_images"]:
+        parts.append(f"subset of {s['max_images']} {s['side']} images")
+    return "; ".join(p for p in parts if p)
+
+
+def build_tables(doc: dict) -> list[dict]:
+    """Tables from a results document: ``[{name, title, kind, protocol, attacks, header, rows: [[cell text]]}]``."""
+    cfg = doc["config"]
+    index = {tuple(c["cell"][k] for k in ("model", "dataset", "defense", "attack", "threat")): c
+             for c in doc["cells"]}
+    rerank_on = bool(cfg["settings"]["rerank"])
+    out = []
+    for t in cfg.get("tables") or _auto_tables(cfg):
+        kind = t.get("kind", "attack")
+        rr_modes = {"both": [False, True], True: [True], False: [False]}[t.get("rerank", "both")]
+        if not rerank_on:
+            rr_modes = [False]
+        if kind == "attack":
+            header, rows = _attack_table(t, cfg, index, rr_modes)
+        elif kind == "clean":
+            header, rows = _clean_table(t, cfg, index, rr_modes)
+        else:
+            header, rows = _cross_table(t, cfg, index)
+        columns = list(t.get("columns") or cfg["attacks"])
+        out.append({"name": t.get("name", kind), "title": t.get("title", t.get("name", kind)), "kind": kind,
+                    "protocol": _protocol_line(cfg, columns, doc["cells"]),
+                    "attacks": {a: cfg["attacks"][a] for a in columns if a in cfg["attacks"]},
+                    "header": header, "rows": rows})
+    return out
+
+
+def _attack_table(t: dict, cfg: dict, index: dict, rr_modes: list[bool]) -> tuple[list[str], list[list[str]]]:
+    cols = t.get("columns") or list(cfg["attacks"])
+    dataset = t.get("dataset") or next(iter(cfg["datasets"]))
+    threats = t.get("threats") or ["non_adaptive"]
+    header = ["model", "threat model"] + ["no attack" if cfg["attacks"].get(a) is None else a for a in cols]
+    rows = []
+    for rr in rr_modes:
+        for row in t.get("rows") or list(cfg["models"]):
+            m, f = _row_parts(row)
+            for th in (threats if cfg["defenses"].get(f) is not None else ["white_box"]):
+                label = (row if f != "none" else m) + (" + RK" if rr else "")
+                cells = [index.get((m, dataset, f, a, _canon(cfg, f, a, th))) for a in cols]
+                rows.append([label, th.replace("_", "-")] + [format_metric(_metrics(c) if c else None, rr)
+                                                              for c in cells])
+    return header, rows
+
+
+def _clean_table(t: dict, cfg: dict, index: dict, rr_modes: list[bool]) -> tuple[list[str], list[list[str]]]:
+    dsets = t.get("datasets") or list(cfg["datasets"])
+    clean = next((a for a, v in cfg["attacks"].items() if v is None), None)
+    rows = []
+    for rr in rr_modes:
+        for row in t.get("rows") or list(cfg["models"]):
+            m, f = _row_parts(row)
+            cells = [index.get((m, d, f, clean, "clean")) if clean else None for d in dsets]
+            rows.append([(row if f != "none" else m) + (" + RK" if rr else "")]
+                        + [format_metric(_metrics(c) if c else None, rr) for c in cells])
+    return ["model"] + dsets, rows
+
+
+def _cross_table(t: dict, cfg: dict, index: dict) -> tuple[list[str], list[list[str]]]:
+    dsets = t.get("datasets") or list(cfg["datasets"])
+    clean = next((a for a, v in cfg["attacks"].items() if v is None), None)
+    pairs = [(a, b) for a in dsets for b in dsets if a != b]
+    rows = []
+    for row in t.get("rows") or list(cfg["models"]):
+        m, f = _row_parts(row)
+        trained = cfg["models"][m].get("train_on")
+        cells = [index.get((m, b, f, clean, "clean")) if clean and trained == a else None for a, b in pairs]
+        rows.append([row] + [format_metric(_metrics(c) if c else None) for c in cells])
+    return ["model"] + [f"{a}->{b}" for a, b in pairs], rows
+
+
+def format_bench_table(table: dict, *, markdown: bool = True) -> str:
+    """One table as Markdown (or aligned text), its title and protocol line above it."""
+    body = format_grid(table["header"], table["rows"], markdown=markdown)
+    return f"### {table['title']}\n\n{table['protocol']}\n\n{body}\n"
+
+
+def write_tables(tables: list[dict], folder: Path) -> None:
+    """``<name>.md`` and ``<name>.csv`` per table, and ``tables.md`` with all of them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for t in tables:
+        md = format_bench_table(t)
+        parts.append(md)
+        atomic_write_text(folder / f"{t['name']}.md", md)
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(t["header"])
+        w.writerows(t["rows"])
+        atomic_write_text(folder / f"{t['name']}.csv", buf.getvalue())
+    atomic_write_text(folder / "tables.md", "\n".join(parts))
