@@ -150,3 +150,47 @@ def test_bench_cli_errors_leave_nothing_behind(tmp_path, capsys):
     assert "/no/such/Market does not exist" in err and not out.exists()
     assert main(["bench", "demo", "attacks.lta.stepz=3", "--out", str(out)]) == 2
     assert "did you mean 'steps'" in capsys.readouterr().err and not out.exists()
+
+
+def test_misspelt_names_fail_before_anything_is_trained(synth_root, tmp_path):
+    base = {"name": "t", "seed": 0, "device": "cpu",
+            "datasets": {"synth": {"name": "market1501", "root": str(synth_root)}},
+            "models": {"m": {"config": "demo_cpu", "train_on": "synth"}},
+            "defenses": {"none": None, "cs": {"name": "cs"}},
+            "attacks": {"clean": None, "a": {"name": "ifgsm", "eps": "4px"}},
+            "grid": [{"models": ["m"], "attacks": ["clean", "a"]}]}
+    cases = [("attacks.a.name=ifgsn", r"attacks\.a: unknown attack 'ifgsn' \(did you mean 'ifgsm'\?\)"),
+             ("attacks.a.params={momentun: 1}", r"did you mean 'momentum'"),
+             ("defenses.cs.name=css", r"defenses\.cs: unknown passive defense 'css' \(did you mean 'cs'\?\)"),
+             ("models.m.overrides=[model.name=cnn5]", r"models\.m: .*'cnn5': unknown model \(did you mean 'cnn4'\?\)"),
+             ("models.m.overrides=[defense.proactive=refrence]", r"did you mean 'reference'"),
+             ("datasets.synth.name=market", r"name='market': unknown dataset parser \(did you mean 'market1501'\?\)"),
+             ("models.m.config=demo_cpx", r"did you mean 'demo_cpu'")]
+    for override, pattern in cases:
+        with pytest.raises(ConfigError, match=pattern):
+            run_bench(base, tmp_path / "b", overrides=[override], progress=False)
+        assert not (tmp_path / "b").exists(), override  # nothing created, nothing trained
+
+
+def test_bench_killed_before_a_models_first_checkpoint_resumes(synth_root, tmp_path, monkeypatch):
+    import advreid.experiments.training as training
+
+    cfg = {"name": "k", "seed": 0, "device": "cpu",
+           "datasets": {"synth": {"name": "market1501", "root": str(synth_root)}},
+           "models": {"m": {"config": "demo_cpu", "train_on": "synth",
+                            "overrides": tiny_overrides(synth_root, epochs=1)[1:]}},
+           "attacks": {"clean": None}, "settings": {"num_workers": 0, "progress": False, "report": False},
+           "grid": [{"models": ["m"], "attacks": ["clean"]}]}
+    real = training.Trainer.run_step
+
+    def killed(self):
+        raise KeyboardInterrupt("killed in the first epoch")
+
+    monkeypatch.setattr(training.Trainer, "run_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(cfg, tmp_path / "b", progress=False)
+    run = tmp_path / "b" / "models" / "m"
+    assert (run / "config.yaml").is_file() and not list(run.glob("checkpoints/*.json"))
+    monkeypatch.setattr(training.Trainer, "run_step", real)
+    doc, _ = run_bench(cfg, tmp_path / "b", resume=True, progress=False)
+    assert doc["complete"] and (run / "checkpoints" / "final.json").is_file()

@@ -21,7 +21,7 @@ from advreid.attacks.lta import LTA
 from advreid.attacks.metric_fgsm import MetricFGSM, MetricIFGSM
 from advreid.attacks.noise import UniformNoise
 from advreid.attacks.odfa import ODFA
-from advreid.attacks.pgd import FeaturePGD
+from advreid.attacks.pgd import FeaturePGD, FeaturePGDL2, GuidedPGD, GuidedPGDL2
 from advreid.attacks.sma import SMA
 from advreid.ops import (
     SEED_COMPAT,
@@ -48,9 +48,9 @@ from advreid.ops import (
 
 __all__ = [
     "ATTACKS", "DISTANCES", "FNA", "GOAT", "LTA", "ODFA", "SEED_COMPAT", "SMA", "Attack", "AttackInputs", "DMRAttack",
-    "FeaturePGD", "GoatGuides", "GuideBank", "Guides", "MetricFGSM", "MetricIFGSM", "UniformNoise", "build",
-    "finalize", "goat_guides", "goat_objective", "lgt", "linear_luma", "list_attacks", "local_grayscale", "luma",
-    "output_name", "parse_eps", "per_sample_rand", "pil_luma", "px", "quantize", "rect_masks", "rects_from_uniform",
-    "reencode", "register_attack", "resolve_steps", "sample_generators", "sample_lgt_rects", "save_images",
-    "to_uint8",
+    "FeaturePGD", "FeaturePGDL2", "GoatGuides", "GuideBank", "GuidedPGD", "GuidedPGDL2", "Guides", "MetricFGSM",
+    "MetricIFGSM", "UniformNoise", "build", "finalize", "goat_guides", "goat_objective", "lgt", "linear_luma",
+    "list_attacks", "local_grayscale", "luma", "output_name", "parse_eps", "per_sample_rand", "pil_luma", "px",
+    "quantize", "rect_masks", "rects_from_uniform", "reencode", "register_attack", "resolve_steps",
+    "sample_generators", "sample_lgt_rects", "save_images", "to_uint8",
 ]
