@@ -91,3 +91,23 @@ def test_save_images_errors(tmp_path) -> None:
         save_images(x, ["../a.jpg", "b.jpg"], tmp_path)
     with pytest.raises(ValueError, match="expected 'round' or 'floor'"):
         save_images(x, ["a.jpg", "b.jpg"], tmp_path, quantize=None)  # type: ignore[arg-type]
+
+
+def test_floor_quantisation_stays_within_the_budget_over_every_grey_level() -> None:
+    """The seed's output path (floor) on a 5px attack: every level 0..255 keeps the perturbation within 5 levels."""
+    from advreid.ops import quantize, quantize_within
+
+    eps = 5 / 255
+    x0 = (torch.arange(256, dtype=torch.float32) / 255).view(1, 1, 16, 16).expand(1, 3, 16, 16).contiguous()
+    for sign in (-1.0, 1.0):
+        adv = (x0 + sign * eps).clamp(0, 1)  # float32, as an attack leaves it: the edge of the budget
+        naive = quantize(adv, "floor")
+        levels = ((naive - x0) * 255).round().abs().max()
+        q = quantize_within(adv, x0, eps, "floor")
+        d = ((q.double() - x0.double()) * 255).round()
+        assert d.abs().max() <= 5 and torch.equal(q, quantize(q, "round"))  # on the grid, within 5 levels
+        if sign < 0:
+            assert levels > 5  # what the plain floor did: one level past the budget somewhere
+            # clipping only undoes the overshoot: where floor was within the budget nothing changes
+            inside = ((naive - x0) * 255).round().abs() <= 5
+            assert torch.equal(q[inside], naive[inside])

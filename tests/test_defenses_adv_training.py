@@ -273,3 +273,42 @@ def test_bad_proactive_name(synth_root, tmp_path, standin):
     with pytest.raises(ConfigError, match=r"defense\.proactive"):
         train("bot_r50", tmp_path / "p", overrides=tiny_overrides(synth_root, epochs=1) + ["defense.proactive=nope"])
     assert not (tmp_path / "p").exists()
+
+
+def test_goat_pool_draws_same_identity_training_images_with_replacement(synth_root):
+    """The reference's guides: for every sample, ``push`` training images of its identity (with replacement),
+    embedded by the current model; the attack then pushes away from exactly those features."""
+    from advreid.attacks import build
+    from advreid.data import build_dataset
+    from advreid.defenses import GuidePool
+
+    ds = build_dataset("market1501", synth_root)
+    pool = GuidePool(ds.train, 64, 32, draws=4)
+    pids = torch.tensor([ds.train[0].pid, ds.train[0].pid, ds.train[-1].pid])
+    idx = pool.sample(pids, torch.Generator().manual_seed(0))
+    assert len(idx) == 12
+    assert [ds.train[i].pid for i in idx] == [int(p) for p in pids.repeat_interleave(4)]
+    again = pool.sample(pids, torch.Generator().manual_seed(0))
+    assert idx == again and pool.sample(pids, torch.Generator().manual_seed(1)) != idx
+    n0 = len(pool.by_pid[int(pids[0])])
+    draws = pool.sample(pids[:1].repeat(200), torch.Generator().manual_seed(2))
+    assert len(set(draws)) == n0  # every image of the identity is drawn, some of them several times
+    model = _tiny_model()
+    goat = build("goat", model, eps=EPS, steps=2, push=4, pull=1)
+    g = pool.guides(goat, pids, torch.Generator().manual_seed(0))
+    assert g.push.shape == (3, 4, goat.features(torch.rand(1, 3, 64, 32)).shape[1])
+    assert model.training is False  # the caller's mode is restored
+    x = torch.stack([pool.dataset[i][0] for i in (0, 0, len(ds.train) - 1)])
+    adv = goat(x, pids, guides=g, index=torch.arange(3))
+    assert (adv - x).abs().max() <= EPS + 1e-6
+
+
+def test_goat_training_with_pool_and_batch_guides(synth_root, tmp_path):
+    ov = tiny_overrides(synth_root, epochs=1) + ["adv.method=goat", "adv.steps=1", "adv.eps=4px"]
+    train("bot_r50", tmp_path / "pool", overrides=ov)
+    train("bot_r50", tmp_path / "batch", overrides=ov + ["adv.guides=batch"])
+    assert _meta(tmp_path / "pool")["adv_training"]["guides"].startswith("pool: 4 draws")
+    assert _meta(tmp_path / "batch")["adv_training"]["guides"].startswith("batch")
+    assert not _same_weights(tmp_path / "pool", tmp_path / "batch")
+    with pytest.raises(ConfigError, match=r"adv\.guides"):
+        train("bot_r50", tmp_path / "bad", overrides=ov + ["adv.guides=dictionary"])

@@ -77,12 +77,19 @@ def test_build_passive_none_and_errors() -> None:
 # ------------------------------------------------------------------------------------ circuitous scaling
 
 
-def test_cs_hop_sizes_scale_with_the_input() -> None:
+def test_cs_hop_sizes_follow_the_native_size() -> None:
+    """The seed hops from Market's 128x64 files: a 110x50 bottleneck (0.86 of the content) whatever the model takes;
+    a dataset with other native images scales the hops to them; the older rule scales with the input."""
     cs = build_passive("cs")
-    assert cs.hop_sizes(256, 128) == [(110, 50), (220, 100), (110, 50)]
-    assert cs.hop_sizes(128, 64) == [(55, 25), (110, 50), (55, 25)]
-    assert cs.hop_sizes(64, 32) == [(28, 13), (55, 25), (28, 13)]  # half-up rounding of 27.5 x 12.5
+    for hw in ((256, 128), (128, 64), (64, 32)):
+        assert cs.hop_sizes(*hw) == [(110, 50), (220, 100), (110, 50)]
+    assert 0.85 < 110 / 128 < 0.87
     assert cs.hop_sizes(256, 128, factor=1.1) == [(121, 55), (242, 110), (121, 55)]
+    assert build_passive("cs", {"native_size": [64, 32]}).hop_sizes(256, 128) == [(55, 25), (110, 50), (55, 25)]
+    old = build_passive("cs", {"native_size": None, "reference_size": [256, 128]})  # scale with the input
+    assert old.hop_sizes(256, 128) == [(110, 50), (220, 100), (110, 50)]
+    assert old.hop_sizes(128, 64) == [(55, 25), (110, 50), (55, 25)]
+    assert old.hop_sizes(64, 32) == [(28, 13), (55, 25), (28, 13)]  # half-up rounding of 27.5 x 12.5
     absolute = CircuitousScaling(reference_size=None)
     assert absolute.hop_sizes(128, 64) == [(110, 50), (220, 100), (110, 50)]
     assert build_passive("p1").hop_sizes(256, 128) == [(110, 50)]
@@ -106,9 +113,9 @@ def test_cs_visits_the_hop_sizes(monkeypatch) -> None:
 
     monkeypatch.setattr(passive, "_resize", spy)
     build_passive("cs")(torch.rand(1, 3, 128, 64))
-    assert seen == [(55, 25), (110, 50), (55, 25), (128, 64)]
+    assert seen == [(110, 50), (220, 100), (110, 50), (128, 64)]
     seen.clear()
-    CircuitousScaling(final=(256, 128))(torch.rand(1, 3, 128, 64))
+    CircuitousScaling(final=(256, 128), native_size=(64, 32))(torch.rand(1, 3, 128, 64))
     assert seen == [(55, 25), (110, 50), (55, 25), (256, 128)]
 
 

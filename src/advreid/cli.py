@@ -99,14 +99,38 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
     job = EvalJob(Path(a.run_dir), a.data, a.dataset, rerank=a.rerank, flip=a.flip, metric=a.metric, ap=a.ap,
                   checkpoint=a.checkpoint, defense="auto" if a.defense is None else a.defense, device=a.device,
-                  num_workers=a.num_workers if a.num_workers is not None else 2)
+                  num_workers=a.num_workers if a.num_workers is not None else 2, skip_bad_images=a.skip_bad_images)
     res = run_eval(job)
+    _print_skipped(res.get("skipped_images"))
     p = res["protocol"]
     _print_results(res, f"{res['dataset']} ({p['num_query']} query / {p['num_gallery']} gallery), "
                         f"metric {p['metric']}, flip {p['flip']}, AP {p['ap']}, trained on {res['trained_on']}"
                         + (f", defense {res['defense']['name']}" if res["defense"] else ""))
     print(f"saved to {Path(a.run_dir) / 'results.json'}")
     return 0
+
+
+def _print_skipped(skipped: dict | None) -> None:
+    """One line: how many unreadable query/gallery images ``--skip-bad-images`` left out."""
+    if skipped is None:
+        return
+    first = next((b["path"] for b in [*skipped["query"], *skipped["gallery"]]), None)
+    print(f"skipped {skipped['count']} unreadable image(s) ({len(skipped['query'])} query, "
+          f"{len(skipped['gallery'])} gallery; --skip-bad-images)" + (f", first: {first}" if first else ""))
+
+
+def _warn(msg: str) -> None:
+    print(f"advreid: warning: {msg}", file=sys.stderr)
+
+
+def _warn_no_attack(eps: list[float], steps: object, spec: Any) -> None:
+    """A zero budget or zero steps leaves the images as they are: say so (one line) instead of a silent clean row."""
+    also = " apart from --quantize/--reencode" if spec.quantize is not None or spec.reencode is not None else ""
+    if steps == 0:
+        _warn(f"--steps 0: no attack step is taken, the attacked row equals the clean one{also}")
+    elif 0.0 in eps:
+        flag = "--sweep-eps entry 0" if len(eps) > 1 else "--eps 0"
+        _warn(f"{flag}: a zero budget leaves the images unchanged, the attacked row equals the clean one{also}")
 
 
 def _attack_spec(a: argparse.Namespace) -> tuple:
@@ -142,6 +166,7 @@ def _attack_spec(a: argparse.Namespace) -> tuple:
         raise ValueError(f"--max-images {a.max_images}: expected a positive number of images")
     spec = AttackSpec(a.attack, eps=eps, alpha=alpha, steps=steps, params=params, side=a.side, quantize=quantize,
                       reencode=reencode, seed=a.seed)
+    _warn_no_attack(sweep or [eps], steps, spec)
     return spec, sweep
 
 
@@ -155,7 +180,7 @@ def _cmd_attack(a: argparse.Namespace) -> int:
                          eot_samples=a.eot)
     job = AttackJob(Path(a.run_dir), a.data, spec, threat, sweep=sweep, dataset=a.dataset,
                     source_run=a.source_model, rerank=a.rerank, max_images=a.max_images, seed_compat=a.seed_compat,
-                    save_adv=a.save_adv, out=a.out, overwrite=a.overwrite,
+                    save_adv=a.save_adv, out=a.out, overwrite=a.overwrite, skip_bad_images=a.skip_bad_images,
                     options=RunOptions(batch_size=a.batch_size, device=a.device, num_workers=a.num_workers,
                                        progress=True))
     try:
@@ -166,6 +191,7 @@ def _cmd_attack(a: argparse.Namespace) -> int:
             raise ValueError("--adaptive attacks through the run's passive defense, but there is none (the run's "
                              "config has no defense.passive): pass --defense NAME (e.g. cs)") from None
         raise
+    _print_skipped(res.get("skipped_images"))
     runs = res["runs"]
     rows = [{"setting": "clean", "linf": "", "s_img": "", **runs[0]["clean"]}]
     if a.rerank:
@@ -326,6 +352,9 @@ def _add_eval(sub: Any) -> None:
                    help="passive defense on every test image (default: the run's defense.passive; none: bare model)")
     e.add_argument("--device", default=None)
     e.add_argument("--num-workers", type=int, default=None)
+    e.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable query/gallery images out (counted, listed in results.json) instead of "
+                   "stopping at the first")
     e.set_defaults(func=_cmd_eval)
 
 
@@ -380,6 +409,9 @@ def _add_attack(sub: Any) -> None:
     k.add_argument("--out", default=None,
                    help="result folder (default RUN_DIR/attacks/<attack>-<side>[-sweep][-from-<RUN_A>])")
     k.add_argument("--overwrite", action="store_true", help="replace an existing result folder (kept as .old-N)")
+    k.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable query/gallery images out (counted, listed in results.json) instead of "
+                   "stopping at the first")
     k.set_defaults(func=_cmd_attack)
 
 
@@ -527,6 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_bad_image(e: BaseException) -> bool:
+    from advreid.data import BadImageError
+
+    return isinstance(e, BadImageError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -543,7 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     except EXPECTED_ERRORS as e:
         if args.debug:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        msg = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        if getattr(args, "skip_bad_images", True) is False and _is_bad_image(e):
+            msg += "; pass --skip-bad-images to leave unreadable images out"
         print(f"advreid: error: {msg}", file=sys.stderr)
         return 2
 

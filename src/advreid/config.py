@@ -78,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
         "random_start": True,
         "push": 4,
         "pull": 1,
+        "guides": "pool",  # GOAT: pool (the reference: push draws per identity from the training set) or batch
         "eps_space": "pixel",
         "attack_mode": "train",
         "source_run": None,
@@ -105,6 +106,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "adv.eps_space": ("pixel", "normalized"),
     "adv.attack_mode": ("train", "eval"),
     "adv.mix": ("union", "replace"),
+    "adv.guides": ("pool", "batch"),
 }
 
 

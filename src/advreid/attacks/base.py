@@ -229,13 +229,16 @@ class Attack:
             modes = [(m, m.training) for m in self.model.modules()]
             self.model.train(self.model_mode == "train")
             try:
+                self._set_defense_streams(self.generators(idx, "defense/setup"))
                 with torch.no_grad():
                     state = self.setup(x0, inp)
+                state["index"] = idx
                 with torch.enable_grad():
                     out = self.run(x0, state, idx)
             finally:
                 for m, mode in modes:
                     m.training = mode
+                self._set_defense_streams(None)
         return out.detach()
 
     attack = __call__
@@ -251,14 +254,24 @@ class Attack:
         u = per_sample_rand(self.generators(index, stream), x0.shape[1:], dtype=x0.dtype, device=x0.device)
         return (x0 + (2 * u - 1) * self.eps).clamp_(0, 1)
 
+    def _set_defense_streams(self, streams: list[torch.Generator] | None) -> None:
+        setter = getattr(self.model, "set_random_streams", None)
+        if callable(setter) and getattr(self.model, "randomized", False):
+            setter(streams)
+
     def input_grad(self, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
-        """Gradient of the summed per-sample losses w.r.t. the input, averaged over ``eot_samples`` passes (EOT)."""
-        g = self.single_grad(x, state)
-        if self.eot_samples == 1:
-            return g
-        for _ in range(self.eot_samples - 1):
-            g = g.add_(self.single_grad(x, state))
-        return g.div_(self.eot_samples)
+        """Gradient of the summed per-sample losses w.r.t. the input, averaged over ``eot_samples`` passes (EOT).
+
+        Through a randomised defense (a model with ``set_random_streams``, e.g. ``DefendedModel``), draw ``d`` of
+        step ``t`` uses each sample's own stream (seed, index, t, d): the result does not depend on the batch."""
+        g = None
+        for d in range(self.eot_samples):
+            if "index" in state:
+                self._set_defense_streams(self.generators(state["index"], f"defense/{state.get('step', 0)}/{d}"))
+            gd = self.single_grad(x, state)
+            g = gd if g is None else g.add_(gd)
+        assert g is not None
+        return g if self.eot_samples == 1 else g.div_(self.eot_samples)
 
     def single_grad(self, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         """One forward/backward pass: gradient w.r.t. the input only (no grads into the model)."""
@@ -288,6 +301,9 @@ class Attack:
         """``steps`` iterations from ``x``: gradient, normalisation, momentum, step, projection."""
         acc: torch.Tensor | None = None
         for t in range(self.steps):
+            state["step"] = t
+            if "index" in state:  # reference forwards of the step (LTA) through a random defense: own streams too
+                self._set_defense_streams(self.generators(state["index"], f"defense/{t}/ref"))
             self.before_step(state, t)
             g = self.input_grad(x, state)
             if self.momentum > 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,17 +19,50 @@ __all__ = ["BadImageError", "load_image", "check_images", "ImageDataset"]
 
 
 class BadImageError(OSError):
-    """An image file that cannot be opened or fully decoded; the message names the file."""
+    """An image file that cannot be opened or fully decoded; the message names the file.
+
+    Raised in a DataLoader worker it comes back to the main process as the same one-line error: torch re-raises
+    worker exceptions as ``type(exc)(message_with_the_worker_traceback)``, and that one-argument form recovers
+    the original message (and path) from the traceback's last line.
+    """
 
     def __init__(self, path: str | os.PathLike, reason: str | None = None) -> None:
-        self.path = str(path)
-        self.reason = reason
-        # ``reason=None`` is the one-argument form torch's DataLoader uses to re-raise worker errors.
+        self.path, self.reason = str(path), reason
         msg = self.path if reason is None else f"cannot load image {self.path}: {reason}"
+        if reason is None and _WORKER_MARK in self.path:  # torch's re-raise of a worker error
+            original = _original_message(self.path)
+            if original is not None:
+                msg = original
+                self.path, self.reason = _split_message(original)
         super().__init__(msg)
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.path, self.reason))
+
+
+_WORKER_MARK = "Original Traceback"
+_PREFIX = "cannot load image "
+_LAST_LINE = re.compile(r"^(?:[\w.]+\.)?BadImageError: ", re.M)
+
+
+def _original_message(text: str) -> str | None:
+    """The message of the BadImageError whose formatted traceback ends ``text`` (None if there is none)."""
+    starts = list(_LAST_LINE.finditer(text))
+    if not starts:
+        return None
+    return text[starts[-1].end():].strip().replace("\n", " ") or None
+
+
+def _split_message(msg: str) -> tuple[str, str | None]:
+    """(path, reason) of ``"cannot load image PATH: REASON"``: the first split whose PATH exists, else the first."""
+    if not msg.startswith(_PREFIX):
+        return msg, None
+    rest = msg[len(_PREFIX):]
+    cuts = [m.start() for m in re.finditer(": ", rest)]
+    for c in cuts:
+        if os.path.exists(rest[:c]):
+            return rest[:c], rest[c + 2:]
+    return (rest[:cuts[0]], rest[cuts[0] + 2:]) if cuts else (rest, None)
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:

@@ -4,7 +4,7 @@ adversarial-training baselines (offline AT, GOAT). Images are float (B,3,H,W) te
 """
 
 from advreid.defenses.adv_training import build_goat, prepare_offline_adv, resolve_adv
-from advreid.defenses.hooks import AdversarialBatchHook, ProactiveHook
+from advreid.defenses.hooks import AdversarialBatchHook, GuidePool, ProactiveHook
 from advreid.defenses.passive import (
     JPEG,
     PASSIVE,
@@ -33,7 +33,7 @@ from advreid.defenses.proactive import (
 )
 
 __all__ = [
-    "PASSIVE", "PROACTIVE", "AdversarialBatchHook", "BitDepth", "Chain", "CircuitousScaling", "DefendedModel", "JPEG",
+    "PASSIVE", "PROACTIVE", "AdversarialBatchHook", "BitDepth", "Chain", "CircuitousScaling", "DefendedModel", "GuidePool", "JPEG",
     "LocalGrayscale", "Preprocess", "ProactiveDefense", "ProactiveHook", "RandomResizePad", "auto_aug", "bpda",
     "build_goat", "build_passive", "build_proactive", "channel_fusion", "grayscale", "list_passive", "list_proactive",
     "local_homogeneous", "prepare_offline_adv", "register_passive", "resolve_adv", "sketch",

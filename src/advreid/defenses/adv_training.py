@@ -38,6 +38,7 @@ ADV_METHODS = ("goat", "offline")
 EPS_SPACES = ("pixel", "normalized")
 ATTACK_MODES = ("train", "eval")
 MIXES = ("union", "replace")
+GUIDE_MODES = ("pool", "batch")  # GOAT's pushing guides: training-set draws (reference) or same-identity batch-mates
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "advreid-offline-at/1"
 DEFAULT_EPS = "5px"
@@ -83,8 +84,11 @@ def resolve_adv(cfg: dict, *, check_source: bool = True) -> dict | None:
     if method == "goat":
         if not isinstance(adv.get("random_start"), bool):
             raise ConfigError(f"config key 'adv.random_start' = {adv.get('random_start')!r}; expected true/false")
+        if adv.get("guides", "pool") not in GUIDE_MODES:
+            raise ConfigError(f"config key 'adv.guides' = {adv.get('guides')!r}; expected one of "
+                              f"{', '.join(GUIDE_MODES)} (pool: the reference's draws from the training set)")
         out.update(push=_int(adv, "push"), pull=_int(adv, "pull"), random_start=adv["random_start"],
-                   eps_space=adv["eps_space"], attack_mode=adv["attack_mode"])
+                   eps_space=adv["eps_space"], attack_mode=adv["attack_mode"], guides=adv.get("guides", "pool"))
         return out
     # offline
     if adv["eps_space"] != "pixel":

@@ -3,7 +3,9 @@
 Every preprocess maps float (B,3,H,W) images in [0,1] to [0,1] images (normally of the same size) and is usable by
 an adaptive attacker: differentiable steps keep their exact gradient, non-differentiable ones (8-bit rounding, JPEG)
 use BPDA (``bpda``: exact forward, the surrogate's gradient backward), and randomized ones (``randomized``) need EOT
-(``Attack(..., eot_samples=k)``). Random draws come from ``self.generator`` when set, else from the global torch RNG.
+(``Attack(..., eot_samples=k)``). Random draws come from per-sample generators when an attack sets them
+(:meth:`Preprocess.set_streams`: sample i draws from its own stream (seed, index, step, draw), so an adaptive attack
+is reproducible and independent of the batch), else from ``self.generator`` when set, else from the global RNG.
 Build by name with ``build_passive("cs")``; ``list_passive()`` names them all.
 """
 
@@ -24,7 +26,8 @@ from advreid.registry import Preset, Registry
 Size = tuple[int, int]
 INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
 
-# Seed Table 6 patterns (sizes for a 256x128 input) and the reference code's "JAD2" variant.
+# Seed Table 6 patterns and the reference code's "JAD2" variant: sizes for Market's native 128x64 images (the seed
+# hops from the image file: the 110x50 bottleneck is about 0.86 of the native size).
 P1: tuple[Size, ...] = ((110, 50),)
 P2: tuple[Size, ...] = ((220, 100),)
 P1P2: tuple[Size, ...] = ((110, 50), (220, 100))
@@ -64,11 +67,6 @@ def _round_half_up(v: float) -> int:
     return max(1, int(math.floor(v + 0.5)))
 
 
-def _uniform(n: int, generator: torch.Generator | None) -> torch.Tensor:
-    """(n,) float64 U[0,1) draws on the CPU, from ``generator`` or the global RNG."""
-    return torch.rand(n, generator=generator, dtype=torch.float64)
-
-
 class Preprocess(nn.Module):
     """A passive defense: (B,3,H,W) [0,1] -> (B,3,H',W') [0,1]; ``params()`` rebuilds it via ``build_passive``."""
 
@@ -79,6 +77,21 @@ class Preprocess(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.generator: torch.Generator | None = None
+        self.streams: list[torch.Generator] | None = None
+
+    def set_streams(self, streams: list[torch.Generator] | None) -> None:
+        """Per-sample generators for the next calls (one per image of the batch), or None to stop using them."""
+        self.streams = None if streams is None else list(streams)
+
+    def uniforms(self, n: int, k: int) -> torch.Tensor:
+        """(n, k) float64 U[0,1) draws on the CPU: row i from the sample's stream when set, else one draw for the
+        batch from ``self.generator`` or the global RNG."""
+        if self.streams is not None:
+            if len(self.streams) != n:
+                raise ValueError(f"{type(self).__name__}: {len(self.streams)} random streams for {n} images")
+            return torch.stack([torch.rand(k, generator=g, dtype=torch.float64) for g in self.streams]) if n else \
+                torch.empty(0, k, dtype=torch.float64)
+        return torch.rand((n, k), generator=self.generator, dtype=torch.float64)
 
     def params(self) -> dict[str, Any]:
         """JSON-able description that rebuilds this preprocess: ``build_passive(p.pop("name"), p)``."""
@@ -133,8 +146,12 @@ def _resize(x: torch.Tensor, size: Size, mode: str, antialias: bool) -> torch.Te
 class CircuitousScaling(Preprocess):
     """CS (seed, Gong et al. 2022): bicubic resize hops through ``sizes`` then back to ``final`` (default: input size).
 
-    ``sizes`` are for a ``reference_size`` input and scale with the input (half-up rounding); ``reference_size=None``
-    makes them absolute. ``quantize`` rounds every hop (and the input) to 8 bits like the seed's PIL chain, with a
+    The hops are relative to the dataset's *native* image size, as in the seed (which hops from the image file):
+    ``sizes`` are stated for a ``reference_size`` image (128x64) and scaled by ``native_size / reference_size``
+    (half-up rounding), whatever size the model takes -- so the bottleneck is ~0.86 of the content both for Market
+    at 256x128 and for a 128x64 demo. ``native_size=None`` is the older rule, where the sizes scale with the input
+    (``reference_size`` is then the input size they are stated for, e.g. (256, 128)); ``reference_size=None`` makes
+    them absolute. ``quantize`` rounds every hop (and the input) to 8 bits like the seed's PIL chain, with a
     straight-through gradient. ``jitter > 0`` multiplies each image's hop sizes by its own U(1-jitter, 1+jitter).
     """
 
@@ -142,8 +159,8 @@ class CircuitousScaling(Preprocess):
 
     def __init__(self, sizes: Sequence[Sequence[int]] = CS_SIZES, final: Sequence[int] | None = None, *,
                  interpolation: str = "bicubic", antialias: bool = True,
-                 reference_size: Sequence[int] | None = (256, 128), quantize: bool = False,
-                 jitter: float = 0.0) -> None:
+                 reference_size: Sequence[int] | None = (128, 64), native_size: Sequence[int] | None = (128, 64),
+                 quantize: bool = False, jitter: float = 0.0) -> None:
         super().__init__()
         if isinstance(sizes, (str, bytes)) or not isinstance(sizes, Sequence) or len(sizes) == 0:
             raise ValueError(f"sizes={sizes!r} must be a non-empty sequence of (height, width) pairs")
@@ -154,6 +171,7 @@ class CircuitousScaling(Preprocess):
         self.interpolation = interpolation
         self.antialias = bool(antialias)
         self.reference_size = None if reference_size is None else _size(reference_size, "reference_size")
+        self.native_size = None if native_size is None else _size(native_size, "native_size")
         self.quantize = bool(quantize)
         if isinstance(jitter, bool) or not isinstance(jitter, (int, float)) or not 0.0 <= float(jitter) < 1.0:
             raise ValueError(f"jitter={jitter!r} must be a float in [0, 1)")
@@ -165,12 +183,14 @@ class CircuitousScaling(Preprocess):
         return {"sizes": [list(s) for s in self.sizes], "final": None if self.final is None else list(self.final),
                 "interpolation": self.interpolation, "antialias": self.antialias,
                 "reference_size": None if self.reference_size is None else list(self.reference_size),
+                "native_size": None if self.native_size is None else list(self.native_size),
                 "quantize": self.quantize, "jitter": self.jitter}
 
     def hop_sizes(self, height: int, width: int, factor: float = 1.0) -> list[Size]:
         """Intermediate sizes (h, w) for an ``height`` x ``width`` input, times a jitter ``factor``."""
-        sy, sx = (1.0, 1.0) if self.reference_size is None else (height / self.reference_size[0],
-                                                                 width / self.reference_size[1])
+        base = (height, width) if self.native_size is None else self.native_size
+        sy, sx = (1.0, 1.0) if self.reference_size is None else (base[0] / self.reference_size[0],
+                                                                 base[1] / self.reference_size[1])
         return [(_round_half_up(h * sy * factor), _round_half_up(w * sx * factor)) for h, w in self.sizes]
 
     def output_size(self, height: int, width: int) -> Size:
@@ -193,7 +213,7 @@ class CircuitousScaling(Preprocess):
             x = bpda(quantize_8bit(x.clamp(0, 1), "round"), x)
         if not self.randomized:
             return self._chain(x, self.hop_sizes(h, w), final)
-        factors = 1.0 + self.jitter * (2.0 * _uniform(x.shape[0], self.generator) - 1.0)
+        factors = 1.0 + self.jitter * (2.0 * self.uniforms(x.shape[0], 1)[:, 0] - 1.0)
         return torch.cat([self._chain(x[i:i + 1], self.hop_sizes(h, w, float(f)), final)
                           for i, f in enumerate(factors.tolist())])
 
@@ -231,7 +251,7 @@ class RandomResizePad(Preprocess):
 
     def sample(self, n: int, height: int, width: int) -> list[tuple[int, int, int, int]]:
         """Per-image (h', w', top, left) draws (3 uniforms per image, from the generator or the global RNG)."""
-        u = _uniform(3 * n, self.generator).view(n, 3).tolist()
+        u = self.uniforms(n, 3).tolist()
         lo, hi = self.scale
         out = []
         for us, ut, ul in u:
@@ -310,6 +330,12 @@ class Chain(Preprocess):
 
     def params(self) -> dict[str, Any]:
         return {"name": self.name, "modules": [m.params() for m in self.steps]}
+
+    def set_streams(self, streams: list[torch.Generator] | None) -> None:
+        """The same per-sample generators for every randomised part (each draws from them in turn)."""
+        for m in self.steps:
+            if hasattr(m, "set_streams"):
+                m.set_streams(streams)
 
     def extra_repr(self) -> str:
         return ""
@@ -405,6 +431,11 @@ class DefendedModel(nn.Module):
     def randomized(self) -> bool:
         """True when the preprocess draws randomness (attack it with EOT)."""
         return bool(getattr(self.preprocess, "randomized", False))
+
+    def set_random_streams(self, streams: list[torch.Generator] | None) -> None:
+        """Per-sample random streams for a randomised preprocess (attacks call this before each EOT draw)."""
+        if self.preprocess is not None and hasattr(self.preprocess, "set_streams"):
+            self.preprocess.set_streams(streams)
 
     @property
     def differentiable(self) -> bool:

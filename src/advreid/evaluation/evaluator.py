@@ -39,8 +39,8 @@ def evaluate_features(
     ``max_rank``) and ``per_query`` (first-match rank, AP and INP of every query, JSON form of
     :func:`advreid.evaluation.per_query_to_json`; writers move it to a side file).
     """
-    if rerank:
-        distmat = re_ranking_features(qf, gf)
+    if rerank:  # k-reciprocal re-ranking on the protocol's own distance (its lambda mixes that distance in)
+        distmat = re_ranking_features(qf, gf, metric=metric)
     else:
         distmat = compute_distance_matrix(qf, gf, metric=metric)
     res = evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank, ap=ap,

@@ -30,7 +30,7 @@ from advreid.evaluation.protocol import (
     jsonable,
 )
 from advreid.models.features import embed, extract_features
-from advreid.ops import eps_label, finalize, parse_format, save_images
+from advreid.ops import eps_label, finalize, parse_format, quantize_within, save_images
 
 __all__ = ["AttackOutput", "attack_dataset", "build_guide_bank", "evaluate_attack", "evaluate_clean", "guide_set",
            "score", "subset_indices"]
@@ -178,7 +178,10 @@ def attack_dataset(attack: Callable[..., torch.Tensor], records: Sequence[Record
             _sync(device)
             t0 = time.perf_counter()
             adv = attack(x, pid.to(device), cam.to(device), guides, index=b.indices[local])
-            adv_q = finalize(adv.detach(), quantize=quantize) if quantize else adv.detach()
+            if quantize and getattr(attack, "norm", "linf") == "linf" and hasattr(attack, "eps"):
+                adv_q = quantize_within(adv.detach(), x, float(attack.eps), quantize)  # stays within eps in levels
+            else:
+                adv_q = finalize(adv.detach(), quantize=quantize) if quantize else adv.detach()
             adv_e = finalize(adv_q, reencode=reencode) if reencode else adv_q
             _sync(device)
             seconds += time.perf_counter() - t0

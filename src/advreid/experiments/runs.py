@@ -42,12 +42,49 @@ def _trained_config(model: nn.Module) -> dict:
     return getattr(model, "checkpoint_meta", {}).get("meta", {}).get("config", {})
 
 
-def _read_json(path: Path, what: str) -> Any:
-    """A JSON file, or one clear error naming it."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ValueError(f"{what} {path} is not valid JSON ({e}); move it aside to continue") from None
+def _readable(query: list, gallery: list, skip_bad: bool) -> tuple[list, list, dict | None]:
+    """(query, gallery, skipped) with ``skip_bad``: every image decoded once, unreadable ones left out and listed
+    (``{"count", "query", "gallery"}``, each a list of ``{"path", "reason"}``); without it the records unchanged
+    (a bad image then fails, naming its file, when it is read)."""
+    if not skip_bad:
+        return list(query), list(gallery), None
+    from advreid.data import check_images
+
+    kept, listed = {}, {}
+    for split, records in (("query", query), ("gallery", gallery)):
+        kept[split], bad = check_images(records, skip_bad=True)
+        if records and not kept[split]:
+            raise ValueError(f"skip_bad_images: none of the {len(records)} {split} images is readable (first: "
+                             f"{bad[0][0]}: {bad[0][1]})")
+        listed[split] = [{"path": path, "reason": reason} for path, reason in bad]
+    return kept["query"], kept["gallery"], {"count": len(listed["query"]) + len(listed["gallery"]), **listed}
+
+
+def _save_result(path: Path, res: dict) -> None:
+    """Append ``res`` to the ``evaluations`` of ``path``; a damaged file is left as it is and ``res`` is saved
+    beside it (``results.<time>[-N].json``, never over an existing file), then a one-line error names both."""
+    why = None
+    existing: Any = {"evaluations": []}
+    if path.is_file():
+        try:
+            existing = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:  # also UnicodeDecodeError
+            why = f"is not valid JSON ({' '.join(str(e).split())})"
+        except OSError as e:
+            why = f"cannot be read ({e.strerror or e})"
+        else:
+            if not isinstance(existing, dict) or not isinstance(existing.setdefault("evaluations", []), list):
+                why = 'does not hold {"evaluations": [...]}'
+    if why is not None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside, n = path.with_name(f"results.{stamp}.json"), 0
+        while aside.exists():
+            n += 1
+            aside = path.with_name(f"results.{stamp}-{n}.json")
+        atomic_write_json(aside, {"evaluations": [res]})
+        raise ValueError(f"results file {path} {why}; it is left as it is and this evaluation was saved to {aside}")
+    existing["evaluations"].append(res)
+    atomic_write_json(path, existing)
 
 
 # -------------------------------------------------------------------------------------------------- eval
@@ -67,10 +104,12 @@ class EvalJob:
     defense: str | None = AUTO
     device: str | None = None
     num_workers: int = 2
+    skip_bad_images: bool = False
 
 
 def run_eval(job: EvalJob) -> dict:
-    """Evaluate; append the result to ``run_dir/results.json`` (a damaged file is kept aside, never lost)."""
+    """Evaluate; append the result to ``run_dir/results.json`` (a damaged file is left as it is and the result saved
+    beside it). ``skip_bad_images`` leaves unreadable query/gallery images out, listed under ``skipped_images``."""
     from advreid.data import build_dataset
 
     model, info = load_run(job.run_dir, job.checkpoint)
@@ -83,23 +122,17 @@ def run_eval(job: EvalJob) -> dict:
     proto = EvalProtocol.of_model(model, metric=job.metric, ap=job.ap, flip=job.flip, rerank=job.rerank)
     threat = ThreatModel(defense=job.defense).resolve(model)
     net, _, _ = threat.models(model)
-    res = evaluate_model(net, ds.query, ds.gallery, proto, device=dev, num_workers=job.num_workers, progress=True)
+    query, gallery, skipped = _readable(ds.query, ds.gallery, job.skip_bad_images)
+    res = evaluate_model(net, query, gallery, proto, device=dev, num_workers=job.num_workers, progress=True)
     d = threat.defense
+    if skipped is not None:
+        res["skipped_images"] = skipped
     res.update({"dataset": ds_name, "data_root": str(job.data), "checkpoint": info["checkpoint"],
                 "defense": None if d is None else {"name": d.name, "params": d.params()},
                 "trained_on": meta.get("dataset"),
                 "cross_domain": _is_cross_domain(ds_name, job.data, meta.get("dataset"),
                                                  cfg.get("data", {}).get("root"))})
-    path = Path(job.run_dir) / "results.json"
-    try:
-        existing = _read_json(path, "results file") if path.is_file() else {"evaluations": []}
-    except ValueError:
-        aside = path.with_name(f"results.{time.strftime('%Y%m%d-%H%M%S')}.json")
-        atomic_write_json(aside, {"evaluations": [res]})
-        raise ValueError(f"results file {path} is not valid JSON (left as it is); this evaluation was saved to "
-                         f"{aside}") from None
-    existing.setdefault("evaluations", []).append(res)
-    atomic_write_json(path, existing)
+    _save_result(Path(job.run_dir) / "results.json", res)
     return res
 
 
@@ -119,7 +152,9 @@ class AttackJob:
 
     ``threat.defense`` "auto" uses the run's own passive defense; ``source_run`` crafts the images on another run
     (black-box transfer); ``sweep`` lists budgets ([0,1] units) evaluated one after the other; ``seed_compat``
-    means the seed paper's output (floor quantisation + JPEG q75) and conflicts with other settings of the spec.
+    means the seed paper's output (floor quantisation + JPEG q75) and conflicts with other settings of the spec;
+    ``skip_bad_images`` leaves unreadable query/gallery images out (listed under ``skipped_images``; the records'
+    positions, hence the per-sample random streams, are those of the remaining images).
     """
 
     run_dir: Path
@@ -136,6 +171,7 @@ class AttackJob:
     out: str | None = None
     overwrite: bool = False
     options: RunOptions = field(default_factory=lambda: RunOptions(progress=True))
+    skip_bad_images: bool = False
 
 
 def default_out_dir(run_dir: str | os.PathLike, attack: str, side: str, *, sweep: bool,
@@ -196,6 +232,7 @@ def run_attack(job: AttackJob) -> tuple[dict, Path]:
                                                                     source_run=job.source_run, defense=dlabel)
     dirs = [out] + ([Path(job.save_adv)] if job.save_adv is not None else [])
     _check_output_dirs(dirs, job.overwrite, Path(job.data))
+    query, gallery, skipped = _readable(ds.query, ds.gallery, job.skip_bad_images)
     for folder in dirs:
         prepare_run_dir(folder, overwrite=job.overwrite)
     import advreid
@@ -205,6 +242,8 @@ def run_attack(job: AttackJob) -> tuple[dict, Path]:
               "source_model": src_info, "side": side, "seed_compat": job.seed_compat, "seed": spec.seed,
               "device": str(get_device(job.options.device)),
               "save_adv": str(job.save_adv) if job.save_adv is not None else None}
+    if skipped is not None:
+        header["skipped_images"] = skipped
     path = out / "results.json"
 
     def document(res: dict, complete: bool) -> dict:
@@ -221,7 +260,7 @@ def run_attack(job: AttackJob) -> tuple[dict, Path]:
     opts.device = get_device(opts.device)
     opts.save_dir = job.save_adv
     opts.on_eps = lambda r: atomic_write_json(path, document(r, complete=False))
-    res = evaluate_attack(model, ds.query, ds.gallery, spec, threat=threat, protocol=proto, options=opts,
+    res = evaluate_attack(model, query, gallery, spec, threat=threat, protocol=proto, options=opts,
                           sweep=sweep)
     doc = document(dict(res), complete=True)
     atomic_write_json(path, doc)

@@ -300,7 +300,7 @@ def _train_data(p: TrainingRun, run_dir: Path) -> tuple[TrainData, dict | None]:
 def _hooks(p: TrainingRun, run_dir: Path, adv_info: dict | None, extra: Sequence[HookBase],
            previous_last: Path | None) -> list[HookBase]:
     """The recipe's hooks in order: defenses, the caller's hooks, evaluation, checkpoints, progress and log."""
-    from advreid.defenses import AdversarialBatchHook, ProactiveHook, build_goat
+    from advreid.defenses import AdversarialBatchHook, GuidePool, ProactiveHook, build_goat
 
     cfg = p.cfg
     hooks: list[HookBase] = [ProgressBar()] if cfg["train"]["progress"] else []
@@ -308,8 +308,14 @@ def _hooks(p: TrainingRun, run_dir: Path, adv_info: dict | None, extra: Sequence
         hooks.append(ProactiveHook(p.proactive))
     if p.adv is not None and p.adv["method"] == "goat":
         goat = build_goat(p.model, p.adv, amp=p.trainer.use_amp)
-        adv_info = goat.params() | {"method": "goat", "attack_mode": p.adv["attack_mode"]}
-        hooks.append(AdversarialBatchHook(goat))
+        pool = None
+        if p.adv["guides"] == "pool" and p.adv["push"] > 0:
+            pool = GuidePool(p.trainer.data.dataset.records, cfg["data"]["height"], cfg["data"]["width"],
+                             draws=p.adv["push"])
+        guides = (f"pool: {p.adv['push']} draws per sample with replacement from the training images of its identity"
+                  if pool is not None else "batch: same-identity batch-mates")
+        adv_info = goat.params() | {"method": "goat", "attack_mode": p.adv["attack_mode"], "guides": guides}
+        hooks.append(AdversarialBatchHook(goat, pool=pool))
     hooks.extend(extra)
     every = int(cfg["train"]["eval_every"] or 0)
     if every:

@@ -23,6 +23,7 @@ from advreid.ops.output import (
     output_name,
     parse_format,
     quantize,
+    quantize_within,
     reencode,
     save_images,
     to_uint8,
@@ -33,6 +34,6 @@ __all__ = [
     "LUMA_MODES", "QUANTIZE_MODES", "RECT_MODES", "SEED_COMPAT", "STEP_RULES", "batch_generator", "check_lgt_params",
     "eps_label", "finalize", "lgt", "linear_luma", "local_grayscale", "luma", "output_name", "parse_eps",
     "parse_eps_list", "parse_format", "parse_number", "per_sample_rand", "pil_luma", "px", "quantize",
-    "rect_masks", "rects_from_uniform", "reencode", "resolve_steps", "sample_generators", "sample_lgt_rects",
-    "save_images", "to_uint8",
+    "quantize_within", "rect_masks", "rects_from_uniform", "reencode", "resolve_steps", "sample_generators",
+    "sample_lgt_rects", "save_images", "to_uint8",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -40,15 +41,28 @@ def parse_number(value: str | float, name: str) -> float:
 
 
 def parse_eps(value: str | float, name: str = "eps") -> float:
-    """A budget in [0,1] units from a float or a string ("5px", "5/255", "0.0196"); values > 1 are refused."""
+    """A budget in [0,1] units from a float or a string ("5px", "5/255", "0.0196").
+
+    Refused as pixel units in disguise: values > 1, and a bare integer >= 1 (``1``, ``"1"``: one pixel or the
+    whole range?). ``0`` is a zero budget; the float ``1.0`` (or ``"1.0"``) is the whole [0,1] range.
+    """
     v = parse_number(value, name)
-    if v > 1:
-        if isinstance(value, str) and value.strip().lower().endswith("px"):
-            raise ValueError(f"{name}={value!r} = {v:.4g} exceeds 1, the whole [0,1] pixel range")
+    if v > 1 and isinstance(value, str) and value.strip().lower().endswith("px"):
+        raise ValueError(f"{name}={value!r} = {v:.4g} exceeds 1, the whole [0,1] pixel range")
+    if v > 1 or _is_bare_integer(value) and v >= 1:
         n = value.strip() if isinstance(value, str) else f"{float(value):g}"
-        raise ValueError(f"{name}={n} looks like pixel units; budgets are in [0,1] units: "
-                         f"use px({n}) or '{n}px' (= {n}/255)")
+        what = "is ambiguous (1 pixel or the whole [0,1] range?)" if v == 1 else "looks like pixel units"
+        whole = "; 1.0 is the whole range" if v == 1 else ""
+        raise ValueError(f"{name}={n} {what}; budgets are in [0,1] units: use px({n}) or '{n}px' (= {n}/255)"
+                         f"{whole}")
     return v
+
+
+def _is_bare_integer(value: object) -> bool:
+    """An int (not bool) or a string of digits only: what a pixel count looks like."""
+    if isinstance(value, str):
+        return re.fullmatch(r"\s*\+?\d+\s*", value) is not None
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def resolve_steps(steps: int | str, eps: float) -> int:
@@ -71,19 +85,26 @@ def resolve_steps(steps: int | str, eps: float) -> int:
 
 
 def parse_eps_list(text: str, name: str = "eps_list") -> list[float]:
-    """``"1px,2px,4px"`` or ``"0.004,0.008"`` -> budgets in [0,1] units (each parsed like :func:`parse_eps`)."""
+    """``"1px,2px,4px"`` or ``"0.004,0.008"`` -> budgets in [0,1] units (each parsed like :func:`parse_eps`); an
+    error names every bare value that looks like pixel units and gives the whole list rewritten in ``px``."""
     items = [s.strip() for s in str(text).split(",") if s.strip()]
     if not items:
         raise ValueError(f"{name} {text!r}: empty list; expected e.g. 1px,2px,4px,8px")
+    pixel_like = [s for s in items if _is_number(s) and (float(s) > 1 or _is_bare_integer(s) and float(s) >= 1)]
+    if pixel_like:
+        fixed = ",".join(f"{s}px" if s in pixel_like else s for s in items)
+        names = pixel_like[0] if len(pixel_like) == 1 else f"{', '.join(pixel_like[:-1])} and {pixel_like[-1]}"
+        verb = "looks" if len(pixel_like) == 1 else "look"
+        note = " (a bare 1 is ambiguous: 1 pixel or the whole range)" if any(float(s) == 1 for s in pixel_like) \
+            else ""
+        raise ValueError(f"{name}={','.join(items)}: {names} {verb} like pixel units{note}; budgets are in [0,1] "
+                         f"units: for the whole list use {fixed}")
     out = []
     for s in items:
         try:
             out.append(float(parse_eps(s, name)))
         except ValueError as e:
-            hint = ""
-            if _is_number(s) and float(s) > 1:
-                hint = "; for the whole list: " + ",".join(f"{t}px" if _is_number(t) else t for t in items)
-            raise ValueError(f"{' '.join(str(e).split())}{hint}") from None
+            raise ValueError(" ".join(str(e).split())) from None
     return out
 
 

@@ -45,6 +45,20 @@ def quantize(x: torch.Tensor, mode: str | None = None) -> torch.Tensor:
     return to_uint8(x, mode).to(x.dtype) / 255
 
 
+def quantize_within(x: torch.Tensor, x0: torch.Tensor, eps: float, mode: str | None) -> torch.Tensor:
+    """Quantise ``x`` like :func:`quantize`, then clip it back into the 8-bit levels that lie within ``eps`` of
+    ``x0`` (and in [0,1]): float rounding before ``floor`` can otherwise drop one level past the budget (a 5px
+    attack saved with the seed's truncation lost up to 6 levels). ``x0`` on the 8-bit grid keeps exactly +-eps
+    levels."""
+    q = quantize(x, mode)
+    if mode is None:
+        return q
+    tol = 1e-4  # a level within float noise of the budget's edge still counts as inside
+    lo = torch.ceil((x0.double() - eps) * 255 - tol).clamp_(0, 255) / 255
+    hi = torch.floor((x0.double() + eps) * 255 + tol).clamp_(0, 255) / 255
+    return torch.minimum(torch.maximum(q.double(), lo), hi).to(x.dtype)
+
+
 def parse_format(fmt: str) -> tuple[str, int | None]:
     """"png" -> ("png", None); "jpeg" / "jpg" -> ("jpeg", 75); "jpeg:Q" -> ("jpeg", Q) with 1 <= Q <= 100."""
     s = str(fmt).strip().lower()
