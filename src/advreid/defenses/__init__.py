@@ -33,8 +33,8 @@ from advreid.defenses.proactive import (
 )
 
 __all__ = [
-    "PASSIVE", "PROACTIVE", "AdversarialBatchHook", "BitDepth", "Chain", "CircuitousScaling", "DefendedModel", "GuidePool", "JPEG",
-    "LocalGrayscale", "Preprocess", "ProactiveDefense", "ProactiveHook", "RandomResizePad", "auto_aug", "bpda",
-    "build_goat", "build_passive", "build_proactive", "channel_fusion", "grayscale", "list_passive", "list_proactive",
-    "local_homogeneous", "prepare_offline_adv", "register_passive", "resolve_adv", "sketch",
+    "JPEG", "PASSIVE", "PROACTIVE", "AdversarialBatchHook", "BitDepth", "Chain", "CircuitousScaling", "DefendedModel",
+    "GuidePool", "LocalGrayscale", "Preprocess", "ProactiveDefense", "ProactiveHook", "RandomResizePad", "auto_aug",
+    "bpda", "build_goat", "build_passive", "build_proactive", "channel_fusion", "grayscale", "list_passive",
+    "list_proactive", "local_homogeneous", "prepare_offline_adv", "register_passive", "resolve_adv", "sketch",
 ]
