@@ -194,3 +194,31 @@ def test_bench_killed_before_a_models_first_checkpoint_resumes(synth_root, tmp_p
     monkeypatch.setattr(training.Trainer, "run_step", real)
     doc, _ = run_bench(cfg, tmp_path / "b", resume=True, progress=False)
     assert doc["complete"] and (run / "checkpoints" / "final.json").is_file()
+
+
+def test_comparisons_and_repeated_seeds(tiny_run, synth_root, tmp_path):
+    cfg = _cfg(tiny_run, synth_root)
+    cfg["grid"][0]["attacks"] = ["clean", "ifgsm"]
+    cfg["settings"]["report"] = False
+    doc, out = run_bench(cfg, tmp_path / "c", progress=False)
+    comps = {c["what"].split(":")[0].split(" (")[0]: c for c in doc["comparisons"]}
+    assert set(comps) == {"clean - attacked", "non-adaptive - adaptive"}
+    for c in doc["comparisons"]:
+        d = c["diff"]["mAP"]
+        assert d["ci"][0] <= d["diff"] <= d["ci"][1] and d["significant"] == (d["ci"][0] > 0 or d["ci"][1] < 0)
+    # the paired difference is exactly the difference of the two cells' point estimates
+    cells = {tuple(x["cell"].values()): x for x in doc["cells"]}
+    wb = cells[("m", "synth", "none", "ifgsm", "white_box")]["runs"][0]
+    first = next(c for c in doc["comparisons"] if c["b"] == cells[("m", "synth", "none", "ifgsm", "white_box")]["key"])
+    assert first["diff"]["mAP"]["diff"] == pytest.approx(wb["clean"]["mAP"] - wb["attacked"]["mAP"], abs=1e-6)
+    assert "Paired comparisons" in (out / "tables" / "comparisons.md").read_text()
+
+    doc2, out2 = run_bench(cfg, tmp_path / "s", progress=False, seeds=[0, 1])
+    assert (out2 / "seed_0" / "results.json").is_file() and (out2 / "seed_1" / "results.json").is_file()
+    assert doc2["seeds"] == [0, 1] and doc2["complete"]
+    cell = next(c for c in doc2["cells"] if c["cell"]["attack"] == "ifgsm" and c["cell"]["threat"] == "white_box")
+    m = cell["runs"][0]["attacked"]
+    per_seed = [v["mAP"] for v in cell["seeds"]["values"]]
+    assert m["n_seeds"] == 2 and m["mAP"] == pytest.approx(sum(per_seed) / 2)
+    assert m["mAP_std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
+    assert "±" in (out2 / "tables" / "t.md").read_text()

@@ -186,6 +186,19 @@ class Bench:
         return d
 
     # ------------------------------------------------------------------------------------------------ cells
+    def per_identity(self, res: dict, ds: Any) -> dict | None:
+        """Per-identity rank-1 (mean, variance, std in %) of the cell's evaluated queries (attacked if attacked)."""
+        from advreid.evaluation.robustness import subset_indices
+        from advreid.experiments.analysis import per_identity_scores
+
+        m = res["runs"][0]["attacked"] if res.get("runs") else res["clean"]
+        sub = subset_indices(len(ds.query), self.s["max_images"]) if res["side"] == "query" else \
+            range(len(ds.query))
+        try:
+            return per_identity_scores(m, [ds.query[i].pid for i in sub])
+        except ValueError:
+            return None
+
     def selected_queries(self, dataset: str) -> list[int]:
         """The queries whose adversarial images are kept for the report (``report.queries``, default the first 3)."""
         rep = self.cfg.get("report") or {}
@@ -222,6 +235,7 @@ class Bench:
                                        options=options))
         trained_on = model.checkpoint_meta.get("meta", {}).get("config", {}).get("data", {}).get("root")
         arrays = {k: res.pop(k) for k in ("features", "images", "image_index", "feature_index") if k in res}
+        res["per_identity"] = self.per_identity(res, ds)
         doc = {"cell": {"model": mkey, "dataset": dkey, "defense": fkey, "attack": akey, "threat": threat},
                "key": cell_key(*cell), "label": _label(spec, res, fkey),
                "model": info, "dataset": {"name": self.cfg["datasets"][dkey].get("name", "market1501"),
@@ -329,12 +343,18 @@ def _finished(cfg: dict, out: Path, cell: Cell) -> dict | None:
 
 def run_bench(source: str | Path | dict, out: str | Path | None = None, *, overrides: Sequence[str] | None = None,
               resume: bool = False, overwrite: bool = False, progress: bool = True,
-              tables_only: bool = False) -> tuple[dict, Path]:
-    """Run (or resume) the benchmark grid of ``source``; write cells, ``results.json`` and tables into ``out``."""
+              tables_only: bool = False, seeds: Sequence[int] | None = None) -> tuple[dict, Path]:
+    """Run (or resume) the benchmark grid of ``source``; write cells, ``results.json`` and tables into ``out``.
+
+    ``seeds``: repeat the whole grid once per seed (training and attack randomness) under ``out/seed_<s>`` and
+    report mean +- std across seeds (``out/results.json``, tables); each repetition keeps its own intervals."""
     from advreid.reporting.bench_tables import build_tables, write_tables
 
     cfg = load_bench_config(source, overrides)
     out = Path(out) if out is not None else Path("runs") / "bench" / cfg["name"]
+    if seeds:
+        return _run_seeds(cfg, out, list(seeds), resume=resume, overwrite=overwrite, progress=progress,
+                          tables_only=tables_only)
     _prepare_out(cfg, out, resume, overwrite, tables_only)
     bench = Bench(cfg, out, progress)
     grid = cells(cfg)
@@ -372,8 +392,10 @@ def run_bench(source: str | Path | dict, out: str | Path | None = None, *, overr
     if bar is not None:
         bar.close()
     doc = write_results(len(results) == len(grid))
+    doc["comparisons"] = _comparisons(doc, out)
     tables = build_tables(doc)
     write_tables(tables, out / "tables")
+    _write_comparisons(doc["comparisons"], out / "tables" / "comparisons.md")
     doc["tables"] = [{k: v for k, v in t.items() if k != "rows"} for t in tables]
     if cfg.get("ranklist"):
         doc["ranklist"] = str(_ranklist(doc, out, cfg["ranklist"]))
@@ -396,6 +418,103 @@ def _write_report(out: Path, bench: Bench) -> Path | None:
         print(f"advreid: warning: the report could not be written ({e}); rebuild it with `advreid report {out}`",
               file=sys.stderr)
         return None
+
+
+# ------------------------------------------------------------------------------------------- comparisons
+def _per_query(out: Path, key: str) -> dict | None:
+    path = out / "cells" / f"{key}.per_query.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _comparisons(doc: dict, out: Path) -> list[dict]:
+    """Paired bootstrap differences on the same queries: clean - attacked for every attacked cell, and
+    non-adaptive - adaptive for every defended cell attacked both ways (what an adaptive attacker takes back)."""
+    from advreid.evaluation import paired_difference, per_query_from_json
+
+    def scores(pq: dict | None, which: str) -> Any:
+        if pq is None:
+            return None
+        part = pq.get("clean") if which == "clean" else (pq.get("attacked") or [None])[0]
+        return per_query_from_json(part["per_query"]) if part and part.get("per_query") else None
+
+    cells = {tuple(c["cell"].values()): c for c in doc["cells"]}
+    out_list = []
+    for (m, d, f, a, t), c in cells.items():
+        if not c.get("runs"):
+            continue
+        pq = _per_query(out, c["key"])
+        clean, attacked = scores(pq, "clean"), scores(pq, "attacked")
+        if clean is not None and attacked is not None:
+            out_list.append({"a": "clean", "b": c["key"], "what": f"clean - attacked ({c['label']})",
+                             "diff": paired_difference(clean, attacked)})
+        other = cells.get((m, d, f, a, "adaptive")) if t == "non_adaptive" else None
+        if other is not None and attacked is not None:
+            adaptive = scores(_per_query(out, other["key"]), "attacked")
+            if adaptive is not None:
+                out_list.append({"a": c["key"], "b": other["key"],
+                                 "what": f"non-adaptive - adaptive: {m}+{f}, {a} on {d}",
+                                 "diff": paired_difference(attacked, adaptive)})
+    return out_list
+
+
+def _write_comparisons(comparisons: list[dict], path: Path) -> None:
+    from advreid.reporting.tables import format_grid
+
+    rows = []
+    for c in comparisons:
+        r1, mp = c["diff"]["rank1"], c["diff"]["mAP"]
+        rows.append([c["what"]] + [f"{100 * x['diff']:+.1f} [{100 * x['ci'][0]:+.1f}, {100 * x['ci'][1]:+.1f}]"
+                                   + (" *" if x["significant"] else "") for x in (r1, mp)])
+    body = format_grid(["comparison (same queries)", "R1 difference", "mAP difference"], rows, markdown=True)
+    atomic_write_text(path, "### Paired comparisons\n\nPaired percentile bootstrap over the same queries (1,000 "
+                            "resamples), percentage points; * = the 95% interval excludes zero (only those "
+                            "differences are claims).\n\n" + body + "\n")
+
+
+# ------------------------------------------------------------------------------------------------- seeds
+def _run_seeds(cfg: dict, out: Path, seeds: list[int], **kw: Any) -> tuple[dict, Path]:
+    """The grid once per seed under ``out/seed_<s>``; mean +- std across seeds in ``out/results.json``."""
+    from advreid.evaluation import mean_std_across_seeds
+    from advreid.reporting.bench_tables import build_tables, write_tables
+
+    if kw["overwrite"] and out.exists():
+        prepare_run_dir(out, overwrite=True)
+    out.mkdir(parents=True, exist_ok=True)
+    docs = []
+    for s in seeds:
+        one = dict(cfg, seed=int(s))
+        sub = out / f"seed_{s}"
+        resume = kw["resume"] and sub.exists()
+        doc, _ = run_bench(one, sub, resume=resume, overwrite=False, progress=kw["progress"],
+                           tables_only=kw["tables_only"])
+        docs.append(doc)
+    keys = ("rank1", "rank5", "rank10", "mAP", "mINP")
+    cells = []
+    for c in docs[0]["cells"]:
+        same = [next((x for x in d["cells"] if x["key"] == c["key"]), None) for d in docs]
+        if any(x is None for x in same):
+            continue
+        ms = [x["runs"][0]["attacked"] if x.get("runs") else x["clean"] for x in same]
+        agg = mean_std_across_seeds([{k: m[k] for k in keys if k in m} for m in ms])
+        metrics = {k: v["mean"] for k, v in agg.items()} | {f"{k}_std": v["std"] for k, v in agg.items()}
+        metrics["n_seeds"] = len(seeds)
+        cell = {k: v for k, v in c.items() if k not in ("runs", "clean")}
+        cell["clean" if not c.get("runs") else "runs"] = metrics if not c.get("runs") else [{"attacked": metrics}]
+        cell["seeds"] = {"values": ms, "seeds": seeds}
+        cells.append(cell)
+    doc = {"bench": cfg["name"], "seeds": seeds, "complete": all(d["complete"] for d in docs),
+           "config": {**cfg, "seed": seeds}, "cells": cells}
+    tables = build_tables({**doc, "config": cfg})
+    for t in tables:
+        t["protocol"] += f"; mean +- sample std over seeds {seeds} (each seed: its own training and attacks)"
+    write_tables(tables, out / "tables")
+    doc["tables"] = [{k: v for k, v in t.items() if k != "rows"} for t in tables]
+    atomic_write_json(out / "results.json", doc)
+    doc["_tables"] = tables
+    return doc, out
 
 
 def _cell_line(res: dict) -> str:

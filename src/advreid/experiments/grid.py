@@ -30,10 +30,11 @@ BENCH_SCHEMA: dict[str, Any] = {
     "defenses": None, "attacks": None, "settings": SETTINGS, "grid": None, "tables": None, "ranklist": None,
     "report": None,
 }
-_ATTACK_KEYS = {"name", "eps", "alpha", "steps", "params"}
+_ATTACK_KEYS = {"name", "eps", "alpha", "steps", "params", "quantize", "reencode", "label"}
 _MODEL_KEYS = {"run", "config", "train_on", "overrides", "source"}
 _DATASET_KEYS = {"name", "root", "synthetic"}
-_TABLE_KEYS = {"name", "title", "kind", "dataset", "datasets", "rows", "columns", "threats", "rerank"}
+_TABLE_KEYS = {"name", "title", "kind", "dataset", "datasets", "rows", "columns", "threats", "rerank", "per_identity",
+               "note"}
 _BLOCK_KEYS = {"models", "datasets", "defenses", "attacks", "threats"}
 SYNTH_KEYS = {"ids": "num_train_ids", "test_ids": "num_test_ids", "cams": "num_cams", "height": "height",
               "width": "width", "seed": "seed", "distractors": "num_distractors", "junk": "num_junk",
@@ -149,8 +150,8 @@ def attack_spec(cfg: dict, key: str, seed: int | None = None) -> Any:
         return None
     s = cfg["settings"]
     return AttackSpec(a["name"], eps=a.get("eps", "5px"), alpha=a.get("alpha"), steps=a.get("steps"),
-                      params=a.get("params") or {}, side=s["side"], quantize=s["quantize"], reencode=s["reencode"],
-                      seed=int(cfg["seed"] if seed is None else seed))
+                      params=a.get("params") or {}, side=s["side"], quantize=a.get("quantize", s["quantize"]),
+                      reencode=a.get("reencode", s["reencode"]), seed=int(cfg["seed"] if seed is None else seed))
 
 
 def _validate_names(cfg: dict, where: str) -> None:

@@ -30,7 +30,9 @@ def format_metric(m: dict | None, rr: bool = False, *, intervals: bool = True) -
 
     def one(name: str) -> str:
         v = f"{100 * m[p + name]:.1f}"
-        ci = m.get(f"{p}{name}_ci")
+        ci, sd = m.get(f"{p}{name}_ci"), m.get(f"{p}{name}_std")
+        if sd is not None:  # repeated seeds: mean +- sample std
+            return f"{v} ± {100 * sd:.1f}"
         return f"{v} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if intervals and ci else v
 
     return f"{one('rank1')} / {one('mAP')}"
@@ -70,7 +72,8 @@ def _protocol_line(cfg: dict, columns: list[str], cells: list[dict]) -> str:
         a = c["cell"]["attack"]
         if a in columns and c.get("label"):
             labels.setdefault(a, c["label"].split(";")[0])
-    cols = "; ".join(f"{a} = {labels.get(a, 'not run')}" for a in columns if cfg["attacks"].get(a) is not None)
+    cols = "; ".join(f"{_column_label(cfg, a)} = {labels.get(a, 'not run')}" for a in columns
+                     if cfg["attacks"].get(a) is not None)
     quant = f"quantize {s['quantize'] or 'none'}, re-encode {s['reencode'] or 'none'}"
     parts = [f"{s['side']} attack", cols, quant, "cells R1 / mAP (%) [95% bootstrap interval over queries]",
              "threat models: white-box (no defense), non-adaptive (attack on the bare model, defense at test time), "
@@ -100,8 +103,13 @@ def build_tables(doc: dict) -> list[dict]:
         else:
             header, rows = _cross_table(t, cfg, index)
         columns = list(t.get("columns") or cfg["attacks"])
+        proto = _protocol_line(cfg, columns, doc["cells"])
+        if t.get("per_identity"):
+            proto += "; per-ID R1 std = standard deviation (variance) across query identities of per-identity rank-1, %"
+        if t.get("note"):
+            proto += f"; {t['note']}"
         out.append({"name": t.get("name", kind), "title": t.get("title", t.get("name", kind)), "kind": kind,
-                    "protocol": _protocol_line(cfg, columns, doc["cells"]),
+                    "protocol": proto,
                     "attacks": {a: cfg["attacks"][a] for a in columns if a in cfg["attacks"]},
                     "header": header, "rows": rows})
     return out
@@ -111,7 +119,9 @@ def _attack_table(t: dict, cfg: dict, index: dict, rr_modes: list[bool]) -> tupl
     cols = t.get("columns") or list(cfg["attacks"])
     dataset = t.get("dataset") or next(iter(cfg["datasets"]))
     threats = t.get("threats") or ["non_adaptive"]
-    header = ["model", "threat model"] + ["no attack" if cfg["attacks"].get(a) is None else a for a in cols]
+    per_id = list(t.get("per_identity") or [])
+    header = (["model", "threat model"] + [_column_label(cfg, a) for a in cols]
+              + [f"per-ID R1 std ({_column_label(cfg, a)})" for a in per_id])
     rows = []
     for rr in rr_modes:
         for row in t.get("rows") or list(cfg["models"]):
@@ -119,9 +129,24 @@ def _attack_table(t: dict, cfg: dict, index: dict, rr_modes: list[bool]) -> tupl
             for th in (threats if cfg["defenses"].get(f) is not None else ["white_box"]):
                 label = (row if f != "none" else m) + (" + RK" if rr else "")
                 cells = [index.get((m, dataset, f, a, _canon(cfg, f, a, th))) for a in cols]
+                extra = [index.get((m, dataset, f, a, _canon(cfg, f, a, th))) for a in per_id]
                 rows.append([label, th.replace("_", "-")] + [format_metric(_metrics(c) if c else None, rr)
-                                                              for c in cells])
+                                                              for c in cells]
+                            + [_per_id_text(c) if not rr else "-" for c in extra])
     return header, rows
+
+
+def _column_label(cfg: dict, key: str) -> str:
+    a = cfg["attacks"].get(key)
+    if a is None:
+        return "no attack"
+    return str(a.get("label") or key)
+
+
+def _per_id_text(cell: dict | None) -> str:
+    """The per-identity rank-1 spread of a cell: std (variance) in percentage points."""
+    p = (cell or {}).get("per_identity")
+    return "-" if not p else f"{p['std']:.1f} ({p['variance']:.0f})"
 
 
 def _clean_table(t: dict, cfg: dict, index: dict, rr_modes: list[bool]) -> tuple[list[str], list[list[str]]]:
