@@ -222,3 +222,40 @@ def test_comparisons_and_repeated_seeds(tiny_run, synth_root, tmp_path):
     assert m["n_seeds"] == 2 and m["mAP"] == pytest.approx(sum(per_seed) / 2)
     assert m["mAP_std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2 ** 0.5)
     assert "±" in (out2 / "tables" / "t.md").read_text()
+
+
+def test_dmr_generator_and_transfer_columns(tiny_run, synth_root, tmp_path):
+    """A DMR column trains its generator against one model (resumable, under OUT/generators) and attacks every
+    row with it; a `source` column crafts the images on another model; the cells say transfer vs white-box."""
+    from advreid.experiments import train
+
+    other = tmp_path / "other"
+    train("demo_cpu", other, overrides=tiny_overrides(synth_root, epochs=1) + ["seed=1"])
+    cfg = {"name": "t8", "seed": 0, "device": "cpu",
+           "datasets": {"synth": {"name": "market1501", "root": str(synth_root)}},
+           "models": {"a": {"run": str(tiny_run)}, "b": {"run": str(other)}},
+           "attacks": {"clean": None, "noise16": {"name": "noise", "eps": "16px"},
+                       "dmr": {"name": "dmr", "eps": "16px", "generator": {"model": "a", "config": "dmr_tiny",
+                                                                          "overrides": ["train.epochs=1"]}},
+                       "ifgsm_a": {"name": "ifgsm", "eps": "8px", "steps": 3, "source": "a"}},
+           "settings": {"num_workers": 0, "progress": False, "report": False, "rerank": False},
+           "grid": [{"models": ["a", "b"], "datasets": ["synth"], "attacks": ["clean", "noise16", "dmr", "ifgsm_a"]}],
+           "tables": [{"name": "t8", "kind": "attack", "dataset": "synth", "rows": ["a", "b"],
+                       "columns": ["clean", "noise16", "dmr", "ifgsm_a"]}]}
+    doc, out = run_bench(cfg, tmp_path / "b", progress=False)
+    cells = {(c["cell"]["model"], c["cell"]["attack"]): c for c in doc["cells"]}
+    assert cells[("a", "dmr")]["cell"]["threat"] == "white_box" and cells[("b", "dmr")]["cell"]["threat"] == "transfer"
+    assert cells[("b", "ifgsm_a")]["threat"] == "transfer" and cells[("a", "ifgsm_a")]["threat"] == "white_box"
+    assert cells[("b", "ifgsm_a")]["transfer"] is True and cells[("a", "ifgsm_a")]["transfer"] is False
+    gen = out / "generators" / "dmr"
+    assert (gen / "results.json").is_file()
+    params = cells[("b", "dmr")]["runs"][0]["params"]
+    assert params["generator"].startswith(str(gen)) and params["eps"] == pytest.approx(16 / 255)
+    for m in ("a", "b"):
+        r = cells[(m, "dmr")]["runs"][0]
+        assert r["linf_max"] <= 16 / 255 + 1e-6
+    table = next(t for t in doc["_tables"] if t["name"] == "t8")
+    assert all(cell != "-" for row in table["rows"] for cell in row[2:])
+    mtime = (gen / "results.json").stat().st_mtime_ns
+    run_bench(cfg, tmp_path / "b", resume=True, progress=False)
+    assert (gen / "results.json").stat().st_mtime_ns == mtime  # the generator is reused, not retrained

@@ -90,13 +90,14 @@ class EvalProtocol:
 @dataclass(frozen=True)
 class AttackSpec:
     """An attack as a registry name and its settings: ``eps`` ([0,1] units; "5px" strings are parsed), ``alpha``
-    and ``steps`` (None: the attack's own), other constructor ``params``, the attacked ``side`` (None: the attack's
-    own, query except gallery presets), ``guide_source`` (None: the attack's set for the side), the output
-    quantisation (``quantize``: None/round/floor; ``reencode``: None/png/jpeg:Q, applied before scoring) and the
-    ``seed`` of the per-sample random streams. Invalid names and parameters fail at construction."""
+    and ``steps`` (None: the attack's own, e.g. 5px, or 16px for DMR), other constructor ``params``, the attacked
+    ``side`` (None: the attack's own, query except gallery presets), ``guide_source`` (None: the attack's set for
+    the side), the output quantisation (``quantize``: None/round/floor; ``reencode``: None/png/jpeg:Q, applied
+    before scoring) and the ``seed`` of the per-sample random streams. Invalid names and parameters fail at
+    construction."""
 
     name: str
-    eps: float | str = 5 / 255
+    eps: float | str | None = None
     alpha: float | str | None = None
     steps: int | str | None = None
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -110,7 +111,8 @@ class AttackSpec:
         from advreid.attacks import ATTACKS
 
         preset = ATTACKS.get(self.name)  # unknown name: RegistryError with did-you-mean
-        object.__setattr__(self, "eps", parse_eps(self.eps, "eps"))
+        if self.eps is not None:
+            object.__setattr__(self, "eps", parse_eps(self.eps, "eps"))
         if self.alpha is not None:
             object.__setattr__(self, "alpha", parse_eps(self.alpha, "alpha"))
         object.__setattr__(self, "params", dict(self.params or {}))
@@ -131,7 +133,10 @@ class AttackSpec:
         """The :class:`~advreid.attacks.Attack` on ``model`` (``eps`` overrides the spec's, for sweeps)."""
         from advreid.attacks import build
 
-        kw: dict[str, Any] = {"eps": float(self.eps if eps is None else eps), "seed": self.seed}
+        kw: dict[str, Any] = {"seed": self.seed}
+        e = self.eps if eps is None else eps
+        if e is not None:
+            kw["eps"] = float(e)
         if self.alpha is not None:
             kw["alpha"] = self.alpha
         if self.steps is not None:
@@ -149,7 +154,7 @@ class AttackSpec:
 
     def label(self) -> str:
         """What ran, in one line: ``lta(eps=5px, alpha=1px, steps=15, quantize=floor, reencode=jpeg:75)``."""
-        parts = [f"eps={eps_label(float(self.eps))}"]
+        parts = ["eps=default" if self.eps is None else f"eps={eps_label(float(self.eps))}"]
         if self.alpha is not None:
             parts.append(f"alpha={eps_label(float(self.alpha))}")
         if self.steps is not None:

@@ -348,7 +348,7 @@ def evaluate_attack(model: nn.Module, query: Sequence[Record], gallery: Sequence
     if options.cache is None:
         options.cache = {}
     threat = (threat or ThreatModel()).resolve(model)
-    eps_list = [float(attack.eps)] if sweep is None else [float(e) for e in sweep]
+    eps_list: list[float | None] = [None] if sweep is None else [float(e) for e in sweep]  # None: the spec's
     if not eps_list:
         raise ValueError("sweep is empty: give at least one eps")
     p = _plan(model, query, gallery, attack, threat, protocol, options, train)
@@ -358,8 +358,9 @@ def evaluate_attack(model: nn.Module, query: Sequence[Record], gallery: Sequence
         "seed": attack.seed, "protocol": _protocol_doc(protocol, p.sets_eval), "runs": [],
     }
     images, image_index, features = [], [], []
-    for eps in eps_list:
-        atk = p.spec.build(p.attacker, eps=eps, **p.extra)
+    for eps_arg in eps_list:
+        atk = p.spec.build(p.attacker, eps=eps_arg, **p.extra)
+        eps = float(atk.eps)
         sdir = None
         if options.save_dir is not None:
             sdir = Path(options.save_dir) if len(eps_list) == 1 else Path(options.save_dir) / f"eps_{eps_label(eps)}"

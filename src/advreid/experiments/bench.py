@@ -199,6 +199,31 @@ class Bench:
         except ValueError:
             return None
 
+    def attack(self, key: str) -> Any:
+        """The attack spec of column ``key``; a DMR column's generator is trained (or reused) first."""
+        spec = attack_spec(self.cfg, key)
+        a = self.cfg["attacks"][key]
+        if spec is not None and a.get("generator") is not None:
+            spec = spec.replace(params={**spec.params, "generator": str(self.generator(key))})
+        return spec
+
+    def generator(self, key: str) -> Path:
+        """The DMR generator of attack ``key``, trained against ``generator.model`` under ``OUT/generators``."""
+        from advreid.attacks.dmr import train_dmr
+
+        g = self.cfg["attacks"][key]["generator"]
+        out = self.out / "generators" / key
+        if (out / "results.json").is_file():
+            return out
+        victim = self.run_dir(g["model"])
+        data = self.dataset_root(self.cfg["models"][g["model"]].get("train_on") or next(iter(self.cfg["datasets"])))
+        ov = [*(g.get("overrides") or []), f"seed={self.cfg['seed']}"]
+        if not self.s["progress"]:
+            ov.append("train.progress=false")
+        self.log(f"attack {key!r}: training its DMR generator against model {g['model']!r} into {out}")
+        resume = out.is_dir() and any(out.iterdir())
+        return train_dmr(victim, data, out, g.get("config", "dmr_tiny"), ov, resume=resume)
+
     def selected_queries(self, dataset: str) -> list[int]:
         """The queries whose adversarial images are kept for the report (``report.queries``, default the first 3)."""
         rep = self.cfg.get("report") or {}
@@ -224,7 +249,12 @@ class Bench:
                              progress=bool(s["progress"]) and self.progress, cache=self.cache(mkey, dkey),
                              keep_features=bool(s["save_features"]),
                              keep_images=self.selected_queries(dkey) if s["side"] == "query" else False)
-        spec = attack_spec(self.cfg, akey)
+        spec = self.attack(akey)
+        a = self.cfg["attacks"][akey] or {}
+        if a.get("source") is not None and a["source"] != mkey:  # black-box transfer: crafted on another model
+            src, src_info = self.model(a["source"])
+            threat_model = ThreatModel(threat_model.defense, None, threat_model.adaptive, threat_model.eot_samples,
+                                       src, {**src_info, "bench_model": a["source"]})
         torch.manual_seed(int(self.cfg["seed"]))  # randomised defenses draw from the global RNG: same cell, same draws
         t0 = time.perf_counter()
         if spec is None:

@@ -30,7 +30,8 @@ BENCH_SCHEMA: dict[str, Any] = {
     "defenses": None, "attacks": None, "settings": SETTINGS, "grid": None, "tables": None, "ranklist": None,
     "report": None,
 }
-_ATTACK_KEYS = {"name", "eps", "alpha", "steps", "params", "quantize", "reencode", "label"}
+_ATTACK_KEYS = {"name", "eps", "alpha", "steps", "params", "quantize", "reencode", "label", "source", "generator"}
+_GENERATOR_KEYS = {"model", "config", "overrides"}
 _MODEL_KEYS = {"run", "config", "train_on", "overrides", "source"}
 _DATASET_KEYS = {"name", "root", "synthetic"}
 _TABLE_KEYS = {"name", "title", "kind", "dataset", "datasets", "rows", "columns", "threats", "rerank", "per_identity",
@@ -103,12 +104,7 @@ def _validate_structure(cfg: dict, where: str) -> None:
                               f"{', '.join(cfg['datasets'])}")
         if m.get("source") is not None and m["source"] not in cfg["models"]:
             raise _err(where, f"models.{key}.source={m['source']!r} is not a model of this bench")
-    for key, a in cfg["attacks"].items():
-        if a is None:
-            continue
-        if not isinstance(a, dict) or "name" not in a:
-            raise _err(where, f"attacks.{key} must be null (no attack) or a mapping with a name, e.g. {{name: lta}}")
-        _unknown(set(a), _ATTACK_KEYS, f"attacks.{key}.", where)
+    _validate_attacks(cfg, where)
     for key, d in cfg["defenses"].items():
         if d is not None and (not isinstance(d, dict) or "name" not in d or set(d) - {"name", "params"}):
             raise _err(where, f"defenses.{key} must be null (no defense) or {{name: cs, params: {{...}}}}")
@@ -117,6 +113,24 @@ def _validate_structure(cfg: dict, where: str) -> None:
         _unknown(set(t), _TABLE_KEYS, f"tables[{i}].", where)
         if t.get("kind", "attack") not in ("attack", "clean", "cross_domain"):
             raise _err(where, f"tables[{i}].kind={t.get('kind')!r}; expected attack, clean or cross_domain")
+
+
+def _validate_attacks(cfg: dict, where: str) -> None:
+    for key, a in cfg["attacks"].items():
+        if a is None:
+            continue
+        if not isinstance(a, dict) or "name" not in a:
+            raise _err(where, f"attacks.{key} must be null (no attack) or a mapping with a name, e.g. {{name: lta}}")
+        _unknown(set(a), _ATTACK_KEYS, f"attacks.{key}.", where)
+        if a.get("source") is not None and a["source"] not in cfg["models"]:
+            raise _err(where, f"attacks.{key}.source={a['source']!r} is not a model of this bench (black-box transfer: "
+                              "the images are crafted on that model)")
+        g = a.get("generator")
+        if g is not None:
+            if not isinstance(g, dict) or g.get("model") not in cfg["models"]:
+                raise _err(where, f"attacks.{key}.generator must be {{model: KEY, config: dmr_tiny}} naming the model "
+                                  f"the generator is trained against (one of {', '.join(cfg['models'])})")
+            _unknown(set(g), _GENERATOR_KEYS, f"attacks.{key}.generator.", where)
 
 
 def _validate_grid(cfg: dict, where: str) -> None:
@@ -149,7 +163,7 @@ def attack_spec(cfg: dict, key: str, seed: int | None = None) -> Any:
     if a is None:
         return None
     s = cfg["settings"]
-    return AttackSpec(a["name"], eps=a.get("eps", "5px"), alpha=a.get("alpha"), steps=a.get("steps"),
+    return AttackSpec(a["name"], eps=a.get("eps"), alpha=a.get("alpha"), steps=a.get("steps"),
                       params=a.get("params") or {}, side=s["side"], quantize=a.get("quantize", s["quantize"]),
                       reencode=a.get("reencode", s["reencode"]), seed=int(cfg["seed"] if seed is None else seed))
 
@@ -190,10 +204,26 @@ def cell_key(model: str, dataset: str, defense: str, attack: str, threat: str) -
     return re.sub(r"[^A-Za-z0-9_.-]", "-", raw)
 
 
-def canonical_threat(defense_spec: dict | None, attack_spec_: dict | None, threat: str) -> str:
-    """clean (no attack), white_box (no defense), else the block's threat model."""
+def crafted_on(attack_spec_: dict | None) -> str | None:
+    """The bench model an attack column is crafted on (``source``, or the model a DMR generator was trained
+    against), None for an attack made on the evaluated model itself."""
+    if attack_spec_ is None:
+        return None
+    if attack_spec_.get("source") is not None:
+        return str(attack_spec_["source"])
+    g = attack_spec_.get("generator")
+    return str(g["model"]) if isinstance(g, dict) and g.get("model") is not None else None
+
+
+def canonical_threat(defense_spec: dict | None, attack_spec_: dict | None, threat: str,
+                     model: str | None = None) -> str:
+    """clean (no attack), white_box (no defense), else the block's threat model; an attack crafted on another
+    model than ``model`` (``source``, or a DMR ``generator``) is transfer (transfer_adaptive through the defense)."""
     if attack_spec_ is None:
         return "clean"
+    origin = crafted_on(attack_spec_)
+    if origin is not None and origin != model:
+        return "transfer_adaptive" if defense_spec is not None and threat == "adaptive" else "transfer"
     if defense_spec is None:
         return "white_box"
     return threat
@@ -208,7 +238,7 @@ def cells(cfg: dict) -> list[Cell]:
                 for df in b.get("defenses", list(cfg["defenses"])):
                     for a in b.get("attacks", list(cfg["attacks"])):
                         for t in b.get("threats", ["non_adaptive"]):
-                            c = (m, d, df, a, canonical_threat(cfg["defenses"][df], cfg["attacks"][a], t))
+                            c = (m, d, df, a, canonical_threat(cfg["defenses"][df], cfg["attacks"][a], t, m))
                             if c not in seen:
                                 seen.add(c)
                                 out.append(c)

@@ -44,10 +44,19 @@ def _row_parts(row: str) -> tuple[str, str]:
     return model, defense or "none"
 
 
-def _canon(cfg: dict, defense: str, attack: str, threat: str) -> str:
-    if cfg["attacks"].get(attack) is None:
-        return "clean"
-    return "white_box" if cfg["defenses"].get(defense) is None else threat
+_THREAT_ORDER = {"white_box": ("white_box", "transfer", "clean"),
+                 "non_adaptive": ("non_adaptive", "transfer", "white_box", "clean"),
+                 "adaptive": ("adaptive", "transfer_adaptive", "clean")}
+
+
+def _find(cells: dict, model: str, dataset: str, defense: str, attack: str, threat: str) -> dict | None:
+    """The cell a table position shows: the row's threat model, or the one cell there is (clean, white-box,
+    transfer: the bench decided which, and the cell says so)."""
+    by_threat = cells.get((model, dataset, defense, attack), {})
+    for t in _THREAT_ORDER.get(threat, (threat,)):
+        if t in by_threat:
+            return by_threat[t]
+    return None
 
 
 def _auto_tables(cfg: dict) -> list[dict]:
@@ -87,8 +96,10 @@ def _protocol_line(cfg: dict, columns: list[str], cells: list[dict]) -> str:
 def build_tables(doc: dict) -> list[dict]:
     """Tables from a results document: ``[{name, title, kind, protocol, attacks, header, rows: [[cell text]]}]``."""
     cfg = doc["config"]
-    index = {tuple(c["cell"][k] for k in ("model", "dataset", "defense", "attack", "threat")): c
-             for c in doc["cells"]}
+    index: dict[tuple, dict[str, dict]] = {}
+    for c in doc["cells"]:
+        k = tuple(c["cell"][x] for x in ("model", "dataset", "defense", "attack"))
+        index.setdefault(k, {})[c["cell"]["threat"]] = c
     rerank_on = bool(cfg["settings"]["rerank"])
     out = []
     for t in cfg.get("tables") or _auto_tables(cfg):
@@ -128,8 +139,8 @@ def _attack_table(t: dict, cfg: dict, index: dict, rr_modes: list[bool]) -> tupl
             m, f = _row_parts(row)
             for th in (threats if cfg["defenses"].get(f) is not None else ["white_box"]):
                 label = (row if f != "none" else m) + (" + RK" if rr else "")
-                cells = [index.get((m, dataset, f, a, _canon(cfg, f, a, th))) for a in cols]
-                extra = [index.get((m, dataset, f, a, _canon(cfg, f, a, th))) for a in per_id]
+                cells = [_find(index, m, dataset, f, a, th) for a in cols]
+                extra = [_find(index, m, dataset, f, a, th) for a in per_id]
                 rows.append([label, th.replace("_", "-")] + [format_metric(_metrics(c) if c else None, rr)
                                                               for c in cells]
                             + [_per_id_text(c) if not rr else "-" for c in extra])
@@ -156,7 +167,7 @@ def _clean_table(t: dict, cfg: dict, index: dict, rr_modes: list[bool]) -> tuple
     for rr in rr_modes:
         for row in t.get("rows") or list(cfg["models"]):
             m, f = _row_parts(row)
-            cells = [index.get((m, d, f, clean, "clean")) if clean else None for d in dsets]
+            cells = [_find(index, m, d, f, clean, "clean") if clean else None for d in dsets]
             rows.append([(row if f != "none" else m) + (" + RK" if rr else "")]
                         + [format_metric(_metrics(c) if c else None, rr) for c in cells])
     return ["model"] + dsets, rows
@@ -170,7 +181,7 @@ def _cross_table(t: dict, cfg: dict, index: dict) -> tuple[list[str], list[list[
     for row in t.get("rows") or list(cfg["models"]):
         m, f = _row_parts(row)
         trained = cfg["models"][m].get("train_on")
-        cells = [index.get((m, b, f, clean, "clean")) if clean and trained == a else None for a, b in pairs]
+        cells = [_find(index, m, b, f, clean, "clean") if clean and trained == a else None for a, b in pairs]
         rows.append([row] + [format_metric(_metrics(c) if c else None) for c in cells])
     return ["model"] + [f"{a}->{b}" for a, b in pairs], rows
 
