@@ -231,7 +231,7 @@ def _seed_epoch(seed: int, epoch: int) -> int:
     return s
 
 
-class _Session:
+class DMRTrainer:
     """Everything one training run holds: data, victim, networks, optimisers, history."""
 
     def __init__(self, cfg: dict, out: Path) -> None:
@@ -418,7 +418,7 @@ def train_dmr(victim_run: str | Path | None, data_root: str | Path | None, out: 
     prepare_run_dir(out, resume=resume, overwrite=overwrite)
     if not resume or overrides:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
-    sess = _Session(cfg, out)
+    sess = DMRTrainer(cfg, out)
     if resume:
         sess.restore()
     progress = cfg["train"]["progress"]
