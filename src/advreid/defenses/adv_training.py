@@ -25,6 +25,8 @@ from torch import nn
 from advreid.config import ConfigError
 from advreid.data import ImageDataset, Record, build_transforms
 from advreid.ops import parse_eps
+from advreid.utils.io import sha256_file
+from advreid.utils.misc import jsonable
 
 __all__ = [
     "ADV_METHODS",
@@ -171,18 +173,6 @@ def _adv_names(records: Sequence[Record]) -> list[str]:
     return names
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-
-
 def _attack_kwargs(name: str, settings: dict, seed: int) -> dict:
     """Keyword arguments for ``advreid.attacks.build``: budgets, seed, same-identity guides excluding the image
     itself (for attacks that take them), then ``adv.attack_params``."""
@@ -254,8 +244,8 @@ def prepare_offline_adv(
         raise ConfigError(f"config key 'adv.attack_params' (attack {name!r}): {e}") from None
     rec_hash = hashlib.sha256("\n".join(f"{n}|{r.pid}|{r.camid}" for n, r in zip(names, records, strict=True))
                               .encode()).hexdigest()
-    key = _jsonable({
-        "attack": name, "params": attack.params(), "source_weights_sha256": _sha256_file(Path(f"{stem}.safetensors")),
+    key = jsonable({
+        "attack": name, "params": attack.params(), "source_weights_sha256": sha256_file(Path(f"{stem}.safetensors")),
         "height": int(height), "width": int(width), "records_sha256": rec_hash, "count": len(records),
         "format": "png", "quantize": "round",
     })

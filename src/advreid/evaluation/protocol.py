@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from advreid.ops import eps_label, finalize, parse_eps
+from advreid.utils.misc import jsonable
 
 SIDES = ("query", "gallery")
 AUTO = "auto"  # ThreatModel(defense="auto"): the passive defense the model's training config names
@@ -25,21 +26,8 @@ DEFAULT_EOT = 10
 
 __all__ = [
     "AUTO", "SIDES", "AttackResult", "AttackSpec", "CleanResult", "EpsResult", "EvalProtocol", "Metrics",
-    "RunOptions", "ThreatModel", "jsonable",
+    "RunOptions", "ThreatModel",
 ]
-
-
-def jsonable(obj: Any) -> Any:
-    """``obj`` with tensors as lists and unknown objects as strings (a JSON-safe copy)."""
-    if isinstance(obj, Mapping):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if obj is None or isinstance(obj, bool | int | float | str):
-        return obj
-    return str(obj)
 
 
 # ------------------------------------------------------------------------------------------------ protocol

@@ -27,10 +27,10 @@ from advreid.evaluation.protocol import (
     EvalProtocol,
     RunOptions,
     ThreatModel,
-    jsonable,
 )
 from advreid.models.features import embed, extract_features
 from advreid.ops import eps_label, finalize, parse_format, quantize_within, save_images
+from advreid.utils.misc import jsonable
 
 __all__ = ["AttackOutput", "attack_dataset", "build_guide_bank", "evaluate_attack", "evaluate_clean", "guide_set",
            "score", "subset_indices"]

@@ -5,9 +5,11 @@ from advreid.utils.io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    paths_overlap,
     prepare_run_dir,
+    sha256_file,
 )
-from advreid.utils.misc import get_device, seed_everything
+from advreid.utils.misc import get_device, jsonable, seed_everything
 
 __all__ = [
     "atomic_write_bytes",
@@ -15,6 +17,9 @@ __all__ = [
     "atomic_write_json",
     "append_jsonl",
     "prepare_run_dir",
+    "paths_overlap",
+    "sha256_file",
+    "jsonable",
     "seed_everything",
     "get_device",
 ]

@@ -90,6 +90,23 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"object of type {type(o).__name__} is not JSON serialisable")
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (content ids of weights and generated images)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def paths_overlap(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` are the same folder or one lies inside the other (after resolving links)."""
+    ra, rb = Path(a).resolve(), Path(b).resolve()
+    return ra == rb or rb in ra.parents or ra in rb.parents
+
+
 def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Create a run directory; refuse to reuse a non-empty one unless ``resume`` or ``overwrite``.
 

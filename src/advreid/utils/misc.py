@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import torch
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with tensors/arrays as lists and unknown objects as strings (a JSON-safe copy)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    return str(obj)
 
 
 def seed_everything(seed: int) -> torch.Generator:

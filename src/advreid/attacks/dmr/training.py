@@ -24,7 +24,6 @@ epoch, history; rewritten atomically every epoch); ``checkpoints/best.{safetenso
 
 from __future__ import annotations
 
-import hashlib
 import random
 import zlib
 from dataclasses import dataclass
@@ -51,7 +50,7 @@ from advreid.models import (
     save_checkpoint,
 )
 from advreid.ops import parse_eps
-from advreid.utils.io import atomic_write_json, atomic_write_text, prepare_run_dir
+from advreid.utils.io import atomic_write_json, atomic_write_text, prepare_run_dir, sha256_file
 from advreid.utils.misc import get_device
 
 __all__ = ["DMR_CHOICES", "DMR_DEFAULTS", "ValidationSplit", "build_nets", "load_dmr_config", "load_generator",
@@ -443,14 +442,6 @@ def train_dmr(victim_run: str | Path | None, data_root: str | Path | None, out: 
 # ------------------------------------------------------------------------------------------------- loading
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_generator(path: str | Path, map_location: str | torch.device = "cpu") -> DMRNets:
     """The kept DMR networks of a training folder (``checkpoints/best``) or of a checkpoint stem/file, in eval mode.
 
@@ -473,6 +464,6 @@ def load_generator(path: str | Path, map_location: str | torch.device = "cpu") -
     nets.requires_grad_(False)
     weights = checkpoint_paths(stem)[0]
     meta = doc.get("meta", {})
-    nets.source, nets.sha256 = str(checkpoint_paths(stem)[0].with_suffix("")), _sha256_file(weights)
+    nets.source, nets.sha256 = str(checkpoint_paths(stem)[0].with_suffix("")), sha256_file(weights)
     nets.victim, nets.eps = meta.get("victim"), meta.get("eps")
     return nets.to(map_location).eval()

@@ -52,7 +52,7 @@ from PIL import Image
 from advreid.data import Record, build_dataset, load_image
 from advreid.defenses.dddefense.diffusion import Generator, load_generator
 from advreid.ops import to_uint8
-from advreid.utils.io import atomic_write_bytes, atomic_write_json, prepare_run_dir
+from advreid.utils.io import atomic_write_bytes, atomic_write_json, paths_overlap, prepare_run_dir, sha256_file
 
 __all__ = [
     "GenerationTask",
@@ -192,10 +192,8 @@ class ResampleConfig:
 
 # ------------------------------------------------------------------------------------------ output folder
 def _check_out(out: Path, roots: Sequence[Path]) -> None:
-    o = out.resolve()
     for r in roots:
-        r = r.resolve()
-        if o == r or r in o.parents or o in r.parents:
+        if paths_overlap(out, r):
             raise ValueError(f"out={out} overlaps the source dataset {r}: the resampled dataset must be written to a "
                              "new folder outside it (the source is never modified)")
 
@@ -221,10 +219,6 @@ def _copy_split(src: Path, dst: Path) -> int:
             Path(tmp).unlink(missing_ok=True)
             raise
     return n
-
-
-def _sha256(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def _png(x: torch.Tensor) -> bytes:
@@ -288,7 +282,8 @@ def _open_out(out: Path, doc: dict, resume: bool, overwrite: bool) -> dict:
         raise ValueError(f"resume: {out} was started with another source, generator or config (its "
                          f"{MANIFEST_NAME} differs); use the same arguments or a new out folder")
     for new_e, old_e in zip(doc["files"], old["files"], strict=True):
-        if old_e["sha256"] is not None and _sha256(out / old_e["file"]) == old_e["sha256"]:
+        path = out / old_e["file"]
+        if old_e["sha256"] is not None and path.is_file() and sha256_file(path) == old_e["sha256"]:
             new_e["sha256"] = old_e["sha256"]  # written and intact: keep it
     return doc
 
