@@ -35,7 +35,7 @@ def test_px_and_parse_eps_forms() -> None:
     assert px(5) == 5 / 255
     assert parse_eps(0.0196) == 0.0196
     assert parse_eps("5px") == parse_eps("5/255") == parse_eps(" 5 px ") == 5 / 255
-    assert parse_eps("0.5") == 0.5 and parse_eps(1) == 1.0 and parse_eps(0) == 0.0
+    assert parse_eps("0.5") == 0.5 and parse_eps(1.0) == 1.0 and parse_eps(0) == 0.0
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -89,17 +89,18 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quick"]) == 0
     printed = capsys.readouterr().out
-    for word in ("threat model", "non-adaptive", "adaptive", "white-box", "no attack", "mifgsm", "lta", "jad+cs + RK"):
+    for word in ("threat model", "non-adaptive", "adaptive", "white-box", "no attack", "ifgsm_seed", "lta",
+                 "jad+cs + RK", "DMR", "transfer"):
         assert word in printed
     doc = json.loads((out / "results.json").read_text())
-    assert doc["complete"] and len(doc["cells"]) == 28
+    assert doc["complete"] and len(doc["cells"]) == 28 + 10  # + the black-box table: noise, DMR, transfer
     cells = {tuple(c["cell"].values()): c for c in doc["cells"]}
     for model in ("baseline", "jad"):
         metrics = (out / "models" / model / "metrics.jsonl").read_text().splitlines()
         assert len(metrics) == 8
         clean = cells[(model, "synth", "none", "clean", "clean")]["clean"]
         assert clean["num_valid_queries"] == 60
-        for attack in ("mifgsm", "sma", "fna", "lta"):
+        for attack in ("ifgsm_seed", "sma", "fna", "lta"):
             run = cells[(model, "synth", "none", attack, "white_box")]["runs"][0]
             assert run["clean"] == clean and run["linf_max"] <= 5 / 255 + 1e-6
             assert run["attacked"]["mAP"] < clean["mAP"]  # white-box attacks hurt the bare model
@@ -116,3 +117,13 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     png = (out / "ranklist.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert (out / "tables" / "robustness.md").is_file() and (out / "tables" / "robustness.csv").is_file()
+    # the black-box table: DMR's generator was trained against the baseline; it transfers to JAD
+    dmr_b, dmr_j = cells[("baseline", "synth", "none", "dmr", "white_box")], cells[("jad", "synth", "none", "dmr",
+                                                                                      "transfer")]
+    assert dmr_b["runs"][0]["linf_max"] <= 16 / 255 + 1e-6 and dmr_j["transfer"] and not dmr_b["transfer"]
+    assert (out / "generators" / "dmr" / "results.json").is_file()
+    lt = cells[("jad", "synth", "none", "lta_transfer", "transfer")]
+    assert lt["transfer"] is True and lt["threat"] == "transfer"
+    # paired comparisons and the report
+    assert any(c["what"].startswith("non-adaptive - adaptive") for c in doc["comparisons"])
+    assert (out / "report.html").is_file() and (out / "tables" / "comparisons.md").is_file()

@@ -255,6 +255,9 @@ def demo_config(quick: bool = False, seed: int = 0, device: str | None = None) -
         cfg["settings"]["max_images"] = 60
         cfg["settings"]["eot_samples"] = 2
         cfg["datasets"]["synth"]["synthetic"].update({"ids": 40, "test_ids": 40})
+        for a in cfg["attacks"].values():
+            if a and a.get("generator"):
+                a["generator"]["overrides"] = [*a["generator"].get("overrides", []), "train.epochs=2"]
     return cfg
 
 

@@ -11,6 +11,7 @@ checkpoint together so that a kill at any moment leaves a run that resumes witho
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -108,8 +109,14 @@ class PeriodicEval(HookBase):
         t = self.trainer
         done = t.epoch + 1
         if t.rank == 0 and done % self.every == 0 and done < t.options.epochs:
-            t.record["eval"] = self.evaluate(t.model)
-            t.model.train()
+            try:
+                t.record["eval"] = self.evaluate(t.model)
+            except (OSError, ValueError, RuntimeError) as e:  # e.g. a test image gone bad: keep the finished epoch
+                t.record["eval_error"] = " ".join(str(e).split())
+                print(f"advreid: warning: the evaluation after epoch {done} failed ({t.record['eval_error']}); "
+                      "training continues", file=sys.stderr, flush=True)
+            finally:
+                t.model.train()
 
 
 class Checkpointer(HookBase):

@@ -163,7 +163,8 @@ class ThreatModel:
     ``"auto"``: the one the model's training config names). ``adaptive``: the attacker differentiates through the
     defense (BPDA for non-differentiable steps, EOT with ``eot_samples`` draws -- default 10 -- when it is random);
     otherwise it attacks the bare model, the seed paper's setting. ``source_model``: black-box transfer, the images
-    are crafted on another model (``source_info`` describes it in results)."""
+    are crafted on another model (``source_info`` describes it in results; ``source_info`` alone marks an attack
+    made elsewhere without a model to differentiate, e.g. a DMR generator trained against another model)."""
 
     defense: Any = None
     defense_params: Mapping[str, Any] | None = None
@@ -191,7 +192,7 @@ class ThreatModel:
     @property
     def kind(self) -> str:
         """white_box, non_adaptive, adaptive, transfer or transfer_adaptive (a resolved threat model)."""
-        if self.source_model is not None:
+        if self.source_model is not None or self.source_info is not None:
             return "transfer" + ("_adaptive" if self.adaptive else "")
         if self.defense is None:
             return "white_box"

@@ -353,7 +353,7 @@ def evaluate_attack(model: nn.Module, query: Sequence[Record], gallery: Sequence
         raise ValueError("sweep is empty: give at least one eps")
     p = _plan(model, query, gallery, attack, threat, protocol, options, train)
     result: dict[str, Any] = {
-        "attack": attack.name, "side": p.side, "guides": p.guide_info, "transfer": threat.source_model is not None,
+        "attack": attack.name, "side": p.side, "guides": p.guide_info, "transfer": threat.kind.startswith("transfer"),
         "defense": threat.defense_info(), "threat": threat.kind, "finalize": attack.finalize_kw,
         "seed": attack.seed, "protocol": _protocol_doc(protocol, p.sets_eval), "runs": [],
     }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -255,6 +256,10 @@ class Bench:
             src, src_info = self.model(a["source"])
             threat_model = ThreatModel(threat_model.defense, None, threat_model.adaptive, threat_model.eot_samples,
                                        src, {**src_info, "bench_model": a["source"]})
+        elif a.get("generator") is not None and a["generator"]["model"] != mkey:  # DMR trained against another
+            threat_model = ThreatModel(threat_model.defense, None, threat_model.adaptive, threat_model.eot_samples,
+                                       None, {"bench_model": a["generator"]["model"],
+                                              "generator": spec.params.get("generator")})
         torch.manual_seed(int(self.cfg["seed"]))  # randomised defenses draw from the global RNG: same cell, same draws
         t0 = time.perf_counter()
         if spec is None:
@@ -366,8 +371,12 @@ def _finished(cfg: dict, out: Path, cell: Cell) -> dict | None:
         return None
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # a damaged cell file is recomputed
+        if not isinstance(doc, dict):
+            raise ValueError(f"expected a JSON object, got {type(doc).__name__}")
+    except (OSError, ValueError) as e:
+        print(f"advreid: warning: cell file {path} is damaged ({' '.join(str(e).split())}); recomputing the cell",
+              file=sys.stderr, flush=True)
+        return None
     return doc if doc.get("spec") == json.loads(json.dumps(spec_of(cfg, cell))) else None
 
 

@@ -331,13 +331,22 @@ def _hooks(p: TrainingRun, run_dir: Path, adv_info: dict | None, extra: Sequence
 
 
 def _evaluator(p: TrainingRun) -> Callable[[nn.Module], dict]:
+    """The evaluation of ``train.eval_every``. Its test images are decoded once here, before the first epoch: an
+    unreadable one stops the run now, naming the file, or (``data.skip_bad_images``) is left out with a count. A
+    failure later on is a warning from :class:`PeriodicEval`, never a lost epoch."""
     from advreid.evaluation import EvalProtocol, evaluate_model
 
     e, d = p.cfg["eval"], p.cfg["data"]
     proto = EvalProtocol(metric=e["metric"], normalize=e["normalize"], flip=e["flip"], rerank=e["rerank"],
                          ap=e["ap"], batch_size=e["batch_size"], height=d["height"], width=d["width"])
-    return lambda model: evaluate_model(model, p.dataset.query, p.dataset.gallery, proto, device=p.device,
-                                        num_workers=d["num_workers"])
+    query, gallery = p.dataset.query, p.dataset.gallery
+    if p.info.rank == 0:  # the only rank that evaluates
+        query, bad_q = check_images(query, skip_bad=d["skip_bad_images"])
+        gallery, bad_g = check_images(gallery, skip_bad=d["skip_bad_images"])
+        if bad_q or bad_g:
+            _log(f"skipped {len(bad_q) + len(bad_g)} unreadable test image(s) in the periodic evaluation "
+                 f"({len(bad_q)} query, {len(bad_g)} gallery; data.skip_bad_images=true)", p.info)
+    return lambda model: evaluate_model(model, query, gallery, proto, device=p.device, num_workers=d["num_workers"])
 
 
 # --------------------------------------------------------------------------------------------- the command

@@ -50,7 +50,7 @@ def parse_eps(value: str | float, name: str = "eps") -> float:
     if v > 1 and isinstance(value, str) and value.strip().lower().endswith("px"):
         raise ValueError(f"{name}={value!r} = {v:.4g} exceeds 1, the whole [0,1] pixel range")
     if v > 1 or _is_bare_integer(value) and v >= 1:
-        n = value.strip() if isinstance(value, str) else f"{float(value):g}"
+        n = f"{int(v)}" if _is_bare_integer(value) else value.strip() if isinstance(value, str) else f"{v:g}"
         what = "is ambiguous (1 pixel or the whole [0,1] range?)" if v == 1 else "looks like pixel units"
         whole = "; 1.0 is the whole range" if v == 1 else ""
         raise ValueError(f"{name}={n} {what}; budgets are in [0,1] units: use px({n}) or '{n}px' (= {n}/255)"
