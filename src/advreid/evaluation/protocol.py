@@ -142,9 +142,11 @@ class AttackSpec:
 
     def label(self) -> str:
         """What ran, in one line: ``lta(eps=5px, alpha=1px, steps=15, quantize=floor, reencode=jpeg:75)``."""
-        parts = ["eps=default" if self.eps is None else f"eps={eps_label(float(self.eps))}"]
+        l2 = self.params.get("norm") == "l2"  # an L2 radius over the whole image, not a per-pixel budget
+        fmt = (lambda v: f"{float(v):.4g}") if l2 else (lambda v: eps_label(float(v)))
+        parts = ["eps=default" if self.eps is None else f"eps={fmt(self.eps)}"]
         if self.alpha is not None:
-            parts.append(f"alpha={eps_label(float(self.alpha))}")
+            parts.append(f"alpha={fmt(self.alpha)}")
         if self.steps is not None:
             parts.append(f"steps={self.steps}")
         parts += [f"{k}={v}" for k, v in sorted(self.params.items())]

@@ -487,7 +487,7 @@ def _comparisons(doc: dict, out: Path) -> list[dict]:
         pq = _per_query(out, c["key"])
         clean, attacked = scores(pq, "clean"), scores(pq, "attacked")
         if clean is not None and attacked is not None:
-            out_list.append({"a": "clean", "b": c["key"], "what": f"clean - attacked ({c['label']})",
+            out_list.append({"a": "clean", "b": c["key"], "what": f"clean - attacked: {m}+{f} on {d}, {c['label']}",
                              "diff": paired_difference(clean, attacked)})
         other = cells.get((m, d, f, a, "adaptive")) if t == "non_adaptive" else None
         if other is not None and attacked is not None:
