@@ -232,8 +232,14 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 
     # argparse splits positionals around options: the first word is the config, every other one an override
     config, *overrides = [*a.config, *a.overrides]
+    seeds = None
+    if a.seeds:
+        try:
+            seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds {a.seeds!r}: expected a comma-separated list of integers, e.g. 0,1,2") from None
     doc, out = run_bench(config, a.out, overrides=overrides, resume=a.resume, overwrite=a.overwrite,
-                         tables_only=a.tables_only)
+                         tables_only=a.tables_only, seeds=seeds)
     _print_bench(doc, out)
     if not doc["complete"]:
         print("advreid: warning: some cells are missing (see the tables' '-' entries)", file=sys.stderr)
@@ -264,11 +270,20 @@ def demo_config(quick: bool = False, seed: int = 0, device: str | None = None) -
 def _cmd_demo(a: argparse.Namespace) -> int:
     from advreid.experiments.bench import run_bench
 
+    if a.which == "dddefense":
+        from advreid.experiments.demos import run_dddefense_demo
+
+        doc, out, text = run_dddefense_demo(a.out or "runs/dddefense_demo", quick=a.quick, seed=a.seed,
+                                            device=a.device, resume=a.resume, overwrite=a.overwrite)
+        print(text)
+        if not doc["complete"]:
+            print("advreid: warning: some cells are missing (see the tables' '-' entries)", file=sys.stderr)
+        return 0
     t0 = time.perf_counter()
     cfg = demo_config(a.quick, a.seed, a.device)
     print("advreid demo: synthetic Market-format data -> a baseline and a JAD-trained model (small CNN, CPU) -> "
           "M-IFGSM, SMA, FNA and LTA query attacks, non-adaptive and adaptive (through circuitous scaling)")
-    doc, out = run_bench(cfg, a.out, overwrite=a.overwrite, resume=a.resume)
+    doc, out = run_bench(cfg, a.out or "runs/demo", overwrite=a.overwrite, resume=a.resume)
     _print_bench(doc, out)
     print(f"demo finished in {time.perf_counter() - t0:.0f}s; output folder: {out}")
     return 0
@@ -431,6 +446,9 @@ def _add_bench(sub: Any) -> None:
     b.add_argument("--resume", action="store_true", help="continue an interrupted bench; finished cells are kept")
     b.add_argument("--overwrite", action="store_true", help="start over; the old folder is kept as .old-N")
     b.add_argument("--tables-only", action="store_true", help="rebuild the tables from the finished cells")
+    b.add_argument("--seeds", default=None, metavar="LIST",
+                   help="repeat the grid per seed (training and attack randomness), e.g. 0,1,2; tables show mean +- "
+                   "std across seeds (each seed under OUT/seed_<s>)")
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=argparse.SUPPRESS)
     b.set_defaults(func=_cmd_bench)
 
@@ -438,9 +456,13 @@ def _add_bench(sub: Any) -> None:
 def _add_demo(sub: Any) -> None:
     """``advreid demo``."""
     m = sub.add_parser("demo", help="synthetic data -> baseline and JAD models -> attacks -> robustness table",
-                       description="The whole pipeline on the CPU in about 10 minutes (--quick: about 2): "
-                       "configs/bench/demo.yaml.")
-    m.add_argument("--out", default="runs/demo", help="demo folder (default runs/demo)")
+                       description="The whole pipeline on the CPU: `advreid demo` (the seed paper: baseline vs JAD, "
+                       "configs/bench/demo.yaml) or `advreid demo dddefense` (the DDDefense grid, "
+                       "configs/bench/dddefense_demo.yaml).")
+    m.add_argument("which", nargs="?", default="seed", choices=("seed", "dddefense"),
+                   help="seed: baseline vs JAD (default); dddefense: baseline, metric AT, GOAT, FNES, self-meta, "
+                   "DDDefense on biased synthetic data")
+    m.add_argument("--out", default=None, help="demo folder (default runs/demo, runs/dddefense_demo)")
     m.add_argument("--quick", action="store_true", help="fewer epochs, fewer attacked queries (a smoke run)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--device", default=None)

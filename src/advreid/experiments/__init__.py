@@ -1,5 +1,6 @@
 """Experiments: training recipes composed from configs (:func:`train`) and benchmark grids."""
 
+from advreid.experiments import dddefense  # noqa: F401  (registers the metric_at / fnes / selfmeta training steps)
 from advreid.experiments.training import (
     TRAIN_STEPS,
     TrainingRun,

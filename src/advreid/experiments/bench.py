@@ -113,6 +113,13 @@ class Bench:
                 if not root.exists():
                     raise FileNotFoundError(f"bench dataset {key!r}: root {root} does not exist "
                                             f"(override with datasets.{key}.root=PATH)")
+            elif d.get("resampled") is not None:  # DDDefense Phase I: a rebalanced copy of another dataset
+                from advreid.experiments.demos import resampled_dataset
+
+                spec = d["resampled"]
+                root = resampled_dataset(spec, self.dataset_root(spec["from"]), self.out / "data" / key,
+                                         dataset=d.get("name", "market1501"), device=self.device,
+                                         seed=int(self.cfg["seed"]), log=self.log)
             else:
                 from advreid.data import generate_synthetic
 
@@ -155,6 +162,10 @@ class Bench:
             ov.append(f"device={self.cfg['device']}")
         if m.get("source") is not None:
             ov.append(f"adv.source_run={self.run_dir(m['source'])}")
+        if m.get("init") is not None:  # start from another bench model's trained weights (model.pretrained)
+            from advreid.models import find_checkpoint
+
+            ov.append(f"model.pretrained={find_checkpoint(self.run_dir(m['init']))}.safetensors")
         if not self.s["progress"]:
             ov.append("train.progress=false")
         if (run / "checkpoints" / "final.json").is_file():
@@ -167,6 +178,21 @@ class Bench:
             train(m["config"], run, overrides=ov)
         self.runs[key] = run
         return run
+
+    def family(self, key: str) -> str:
+        """The dataset a (resampled) dataset comes from: its test split is that one's, byte for byte."""
+        seen = set()
+        while (self.cfg["datasets"][key].get("resampled") or {}).get("from") and key not in seen:
+            seen.add(key)
+            key = self.cfg["datasets"][key]["resampled"]["from"]
+        return key
+
+    def family_root(self, mkey: str, model: Any) -> str | None:
+        """The root of the dataset family model ``mkey`` was trained on (None: unknown)."""
+        train_on = self.cfg["models"][mkey].get("train_on")
+        if train_on is not None:
+            return self.dataset_root(self.family(train_on))
+        return model.checkpoint_meta.get("meta", {}).get("config", {}).get("data", {}).get("root")
 
     def model(self, key: str) -> Any:
         if key not in self.models:
@@ -268,7 +294,7 @@ class Bench:
         else:
             res = dict(evaluate_attack(model, ds.query, ds.gallery, spec, threat=threat_model, protocol=protocol,
                                        options=options))
-        trained_on = model.checkpoint_meta.get("meta", {}).get("config", {}).get("data", {}).get("root")
+        trained_on = self.family_root(mkey, model)
         arrays = {k: res.pop(k) for k in ("features", "images", "image_index", "feature_index") if k in res}
         res["per_identity"] = self.per_identity(res, ds)
         doc = {"cell": {"model": mkey, "dataset": dkey, "defense": fkey, "attack": akey, "threat": threat},
@@ -276,7 +302,7 @@ class Bench:
                "model": info, "dataset": {"name": self.cfg["datasets"][dkey].get("name", "market1501"),
                                           "root": self.dataset_root(dkey)},
                "cross_domain": trained_on is not None
-               and Path(trained_on).resolve() != Path(self.dataset_root(dkey)).resolve(),
+               and Path(trained_on).resolve() != Path(self.dataset_root(self.family(dkey))).resolve(),
                "attack_spec": self.cfg["attacks"][akey], "defense_spec": self.cfg["defenses"][fkey],
                "seconds": round(time.perf_counter() - t0, 3), **res}
         return doc, arrays

@@ -32,8 +32,8 @@ BENCH_SCHEMA: dict[str, Any] = {
 }
 _ATTACK_KEYS = {"name", "eps", "alpha", "steps", "params", "quantize", "reencode", "label", "source", "generator"}
 _GENERATOR_KEYS = {"model", "config", "overrides"}
-_MODEL_KEYS = {"run", "config", "train_on", "overrides", "source"}
-_DATASET_KEYS = {"name", "root", "synthetic"}
+_MODEL_KEYS = {"run", "config", "train_on", "overrides", "source", "init"}
+_DATASET_KEYS = {"name", "root", "synthetic", "resampled"}
 _TABLE_KEYS = {"name", "title", "kind", "dataset", "datasets", "rows", "columns", "threats", "rerank", "per_identity",
                "note"}
 _BLOCK_KEYS = {"models", "datasets", "defenses", "attacks", "threats"}
@@ -89,9 +89,17 @@ def _validate_structure(cfg: dict, where: str) -> None:
         if not isinstance(d, dict):
             raise _err(where, f"datasets.{key} must be a mapping like {{name: market1501, root: /data/Market}}")
         _unknown(set(d), _DATASET_KEYS, f"datasets.{key}.", where)
-        if d.get("root") is None and d.get("synthetic") is None:
-            raise _err(where, f"datasets.{key}: give root: PATH (or synthetic: {{...}} for generated data); "
+        if d.get("root") is None and d.get("synthetic") is None and d.get("resampled") is None:
+            raise _err(where, f"datasets.{key}: give root: PATH (or synthetic: {{...}} for generated data, or "
+                              f"resampled: {{from: DATASET, ...}} for DDDefense Phase I); "
                               f"override with datasets.{key}.root=PATH")
+        if d.get("resampled") is not None:
+            from advreid.experiments.demos import check_resampled_spec
+
+            try:
+                check_resampled_spec(key, d["resampled"], cfg["datasets"])
+            except ValueError as e:
+                raise _err(where, str(e)) from None
         _unknown(set(d.get("synthetic") or {}), set(SYNTH_KEYS), f"datasets.{key}.synthetic.", where)
     for key, m in cfg["models"].items():
         if not isinstance(m, dict):
@@ -104,6 +112,9 @@ def _validate_structure(cfg: dict, where: str) -> None:
                               f"{', '.join(cfg['datasets'])}")
         if m.get("source") is not None and m["source"] not in cfg["models"]:
             raise _err(where, f"models.{key}.source={m['source']!r} is not a model of this bench")
+        if m.get("init") is not None and (m["init"] not in cfg["models"] or m["init"] == key):
+            raise _err(where, f"models.{key}.init={m['init']!r} is not another model of this bench (its trained "
+                              "backbone initialises this one: model.pretrained)")
     _validate_attacks(cfg, where)
     for key, d in cfg["defenses"].items():
         if d is not None and (not isinstance(d, dict) or "name" not in d or set(d) - {"name", "params"}):
