@@ -91,3 +91,20 @@ def test_a_user_registers_an_attack_from_outside() -> None:
     finally:
         ATTACKS.unregister("test_shift")
     assert "test_shift" not in ATTACKS
+
+
+def test_attack_spec_checks_names_and_takes_l2_radii_above_one() -> None:
+    from advreid.evaluation import AttackSpec
+
+    assert AttackSpec("pgd", eps=2.0, params={"norm": "l2"}).eps == 2.0
+    assert AttackSpec("pgd", eps=2.0, params={"norm": "l2"}).label().startswith("pgd(eps=2, ")
+    with pytest.raises(ValueError, match="pixel units"):
+        AttackSpec("pgd", eps=2.0)
+    with pytest.raises(RegistryError, match="did you mean 'lta'"):
+        AttackSpec("ltaa")
+    with pytest.raises(RegistryError, match="did you mean 'momentum'"):
+        AttackSpec("mifgsm", params={"momentun": 1.0})
+    with pytest.raises(ValueError, match="AttackSpec.side"):
+        AttackSpec("lta", params={"side": "gallery"})
+    assert AttackSpec("lta", eps="5px", quantize="floor", reencode="jpeg:75").label() == \
+        "lta(eps=5px, quantize=floor, reencode=jpeg:75)"

@@ -17,7 +17,7 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 
-from advreid.ops import eps_label, finalize, parse_eps
+from advreid.ops import eps_label, finalize, parse_eps, parse_number
 from advreid.utils.misc import jsonable
 
 SIDES = ("query", "gallery")
@@ -99,11 +99,12 @@ class AttackSpec:
         from advreid.attacks import ATTACKS
 
         preset = ATTACKS.get(self.name)  # unknown name: RegistryError with did-you-mean
-        if self.eps is not None:
-            object.__setattr__(self, "eps", parse_eps(self.eps, "eps"))
-        if self.alpha is not None:
-            object.__setattr__(self, "alpha", parse_eps(self.alpha, "alpha"))
         object.__setattr__(self, "params", dict(self.params or {}))
+        parse = parse_number if self.params.get("norm") == "l2" else parse_eps  # an L2 radius may exceed 1
+        if self.eps is not None:
+            object.__setattr__(self, "eps", parse(self.eps, "eps"))
+        if self.alpha is not None:
+            object.__setattr__(self, "alpha", parse(self.alpha, "alpha"))
         for reserved in ("side", "eps", "alpha", "steps", "seed"):
             if reserved in self.params:
                 raise ValueError(f"attack {self.name!r}: pass {reserved} as AttackSpec.{reserved}, not in params")
