@@ -62,6 +62,25 @@ def _cmd_data_bias(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_fidelity(a: argparse.Namespace) -> int:
+    import json
+
+    from advreid.experiments.analysis import generated_fidelity
+
+    r = generated_fidelity(a.root, a.run, dataset=a.dataset, device=a.device)
+    if a.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{r['generated']} generated images ({r['real']} real, {r['identities']} identities, {r['cameras']} "
+          f"cameras); {r['method']}")
+    print(f"identity: top-1 {100 * r['identity_top1']:.1f}% (chance {100 * r['identity_chance_top1']:.1f}%, real "
+          f"images leave-one-out {100 * r['identity_top1_real_loo']:.1f}%), top-5 {100 * r['identity_top5']:.1f}% "
+          f"(chance {100 * r['identity_chance_top5']:.1f}%)")
+    print(f"target camera: {100 * r['camera_acc']:.1f}% (chance {100 * r['camera_chance']:.1f}%); predicted camera = "
+          f"the source image's camera: {100 * r['camera_equals_source']:.1f}%")
+    return 0
+
+
 def _train_overrides(a: argparse.Namespace) -> list[str]:
     ov = list(a.overrides)
     if a.data is not None:
@@ -335,6 +354,14 @@ def _add_data(sub: Any) -> None:
     db.add_argument("--eps", default="8px", help="with --attack: budget (default 8px)")
     db.add_argument("--device", default=None)
     db.set_defaults(func=_cmd_data_bias)
+    df = dsub.add_parser("fidelity", help="do a resampled dataset's generated images carry their identity and "
+                         "target camera? (ranked by a run trained on the original data)")
+    df.add_argument("root", help="a folder written by `advreid resample`")
+    df.add_argument("--run", required=True, help="a run trained on the original (not resampled) data")
+    df.add_argument("--dataset", default="market1501")
+    df.add_argument("--device", default=None)
+    df.add_argument("--json", action="store_true")
+    df.set_defaults(func=_cmd_data_fidelity)
 
 
 def _add_train(sub: Any) -> None:
