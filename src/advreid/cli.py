@@ -243,7 +243,8 @@ def _print_bench(doc: dict, out: Path) -> None:
         print()
         print(format_bench_table(t, markdown=False))
     print(f"results: {out / 'results.json'}; tables (Markdown, CSV): {out / 'tables'}"
-          + (f"; rank list: {doc['ranklist']}" if doc.get("ranklist") else ""))
+          + (f"; rank list: {doc['ranklist']}" if doc.get("ranklist") else "")
+          + (f"; report: {doc['report']}" if doc.get("report") else ""))
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:

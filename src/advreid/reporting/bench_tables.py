@@ -87,7 +87,8 @@ def _protocol_line(cfg: dict, columns: list[str], cells: list[dict]) -> str:
     parts = [f"{s['side']} attack", cols, quant, "cells R1 / mAP (%) [95% bootstrap interval over queries]",
              "threat models: white-box (no defense), non-adaptive (attack on the bare model, defense at test time), "
              "adaptive (attack through the defense; BPDA, EOT when random)",
-             "RK = k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)"]
+             "RK = k-reciprocal re-ranking (k1=20, k2=6, lambda=0.3)",
+             "(T) = transfer: the attack was crafted on another model (a source model or a DMR generator's victim)"]
     if s["max_images"]:
         parts.append(f"subset of {s['max_images']} {s['side']} images")
     return "; ".join(p for p in parts if p)
@@ -141,10 +142,18 @@ def _attack_table(t: dict, cfg: dict, index: dict, rr_modes: list[bool]) -> tupl
                 label = (row if f != "none" else m) + (" + RK" if rr else "")
                 cells = [_find(index, m, dataset, f, a, th) for a in cols]
                 extra = [_find(index, m, dataset, f, a, th) for a in per_id]
-                rows.append([label, th.replace("_", "-")] + [format_metric(_metrics(c) if c else None, rr)
-                                                              for c in cells]
+                rows.append([label, th.replace("_", "-")] + [_cell_text(c, rr, th) for c in cells]
                             + [_per_id_text(c) if not rr else "-" for c in extra])
     return header, rows
+
+
+def _cell_text(cell: dict | None, rr: bool, row_threat: str) -> str:
+    """A cell's R1 / mAP with intervals, marked `(T)` when it is a transfer attack in a row of another threat."""
+    text = format_metric(_metrics(cell) if cell else None, rr)
+    transfer = cell is not None and str(cell["cell"]["threat"]).startswith("transfer")
+    if transfer and not row_threat.startswith("transfer"):
+        text += " (T)"
+    return text
 
 
 def _column_label(cfg: dict, key: str) -> str:
