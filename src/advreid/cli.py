@@ -374,8 +374,7 @@ def _add_train(sub: Any) -> None:
     t.add_argument("--dataset", default=None, help="dataset parser name (same as data.name=...)")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
-    t.add_argument("--overwrite", action="store_true", help="start over; the old run dir is kept as .old-N")
+    _add_resume_flags(t, "run")
     t.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable training images (with a count) instead of stopping at the first")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -471,8 +470,7 @@ def _add_bench(sub: Any) -> None:
     b.add_argument("config", nargs="+", metavar="CONFIG [KEY=VALUE ...]",
                    help="bench YAML file or preset name (configs/bench: market_seed, duke_seed, demo), then overrides")
     b.add_argument("--out", default=None, help="output folder (default runs/bench/<name>)")
-    b.add_argument("--resume", action="store_true", help="continue an interrupted bench; finished cells are kept")
-    b.add_argument("--overwrite", action="store_true", help="start over; the old folder is kept as .old-N")
+    _add_resume_flags(b, "bench")
     b.add_argument("--tables-only", action="store_true", help="rebuild the tables from the finished cells")
     b.add_argument("--seeds", default=None, metavar="LIST",
                    help="repeat the grid per seed (training and attack randomness), e.g. 0,1,2; tables show mean +- "
@@ -494,8 +492,7 @@ def _add_demo(sub: Any) -> None:
     m.add_argument("--quick", action="store_true", help="fewer epochs, fewer attacked queries (a smoke run)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--device", default=None)
-    m.add_argument("--overwrite", action="store_true", help="start over; the old folder is kept as .old-N")
-    m.add_argument("--resume", action="store_true", help="continue an interrupted demo")
+    _add_resume_flags(m, "demo")
     m.set_defaults(func=_cmd_demo)
 
 
@@ -517,6 +514,12 @@ def _cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_resume_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """``--resume`` / ``--overwrite`` with one wording for every command that writes a resumable folder."""
+    p.add_argument("--resume", action="store_true", help=f"continue the {what} in --out where it stopped")
+    p.add_argument("--overwrite", action="store_true", help=f"start over; the old {what} folder is kept as .old-N")
+
+
 def _add_diffusion(sub: Any) -> None:
     """``advreid diffusion train``: the identity+camera-conditioned diffusion model of DDDefense Phase I."""
     d = sub.add_parser("diffusion", help="DDDefense Phase I: train the conditional diffusion model")
@@ -527,8 +530,7 @@ def _add_diffusion(sub: Any) -> None:
     t.add_argument("--dataset", default="market1501", help="parser name (default market1501)")
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("-c", "--config", default="diffusion_tiny", help="diffusion_tiny (CPU) or diffusion_market (GPU)")
-    t.add_argument("--resume", action="store_true")
-    t.add_argument("--overwrite", action="store_true")
+    _add_resume_flags(t, "training")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     t.set_defaults(func=_cmd_diffusion_train)
 
@@ -559,8 +561,7 @@ def _add_resample(sub: Any) -> None:
     r.add_argument("--strength", type=float, default=0.6, help="SDEdit noise strength (default 0.6)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="cpu")
-    r.add_argument("--resume", action="store_true")
-    r.add_argument("--overwrite", action="store_true")
+    _add_resume_flags(r, "resampled dataset")
     r.set_defaults(func=_cmd_resample)
 
 
@@ -586,8 +587,7 @@ def _add_dmr(sub: Any) -> None:
     t.add_argument("--data", required=True, help="dataset root (its training split)")
     t.add_argument("--out", required=True, help="output folder of the generator")
     t.add_argument("-c", "--config", default="dmr_tiny", help="dmr_tiny (CPU) or dmr_market (GPU)")
-    t.add_argument("--resume", action="store_true")
-    t.add_argument("--overwrite", action="store_true")
+    _add_resume_flags(t, "training")
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     t.set_defaults(func=_cmd_dmr_train)
 
