@@ -127,3 +127,43 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     # paired comparisons and the report
     assert any(c["what"].startswith("non-adaptive - adaptive") for c in doc["comparisons"])
     assert (out / "report.html").is_file() and (out / "tables" / "comparisons.md").is_file()
+
+
+@pytest.mark.slow
+def test_dddefense_demo_quick_end_to_end(tmp_path, capsys):
+    """``advreid demo dddefense --quick`` (the README's second demo, about 2 minutes on one thread): biased synthetic
+    data -> diffusion generator -> resampled dataset -> seven training recipes -> attacks, transfer, cross-dataset
+    -> the summary table with a per-identity variance column; a second call with --resume recomputes nothing."""
+    out = tmp_path / "dd"
+    assert main(["demo", "dddefense", "--quick", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = ["baseline", "metric-AT", "GOAT", "FNES", "resampled-FNES", "self-meta", "DDDefense"]
+    for word in rows + ["per-ID var, clean", "per-ID var, pgd", "pgd_l2", "transfer", "clean on other"]:
+        assert f"| {word} " in printed or f"| {word}" in printed, word
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["complete"] and len(doc["cells"]) == 49
+    cells = {tuple(c["cell"].values()): c for c in doc["cells"]}
+    import yaml
+
+    steps = {"baseline": "standard", "metric-AT": "metric_at", "FNES": "fnes", "resampled-FNES": "fnes",
+             "self-meta": "selfmeta", "DDDefense": "selfmeta"}
+    manifest = json.loads((out / "data" / "balanced" / "data" / "resample_manifest.json").read_text())
+    assert manifest["complete"] and manifest["summary"]["generated"] > 0
+    for row in rows:
+        cfg = yaml.safe_load((out / "models" / row / "config.yaml").read_text())
+        if row in steps:
+            assert cfg["train"]["step"] == steps[row], row
+        on_resampled = cfg["data"]["root"] == str(out / "data" / "balanced" / "data")
+        assert on_resampled == (row in ("resampled-FNES", "DDDefense")), row
+        clean = cells[(row, "synth", "none", "clean", "clean")]
+        assert clean["clean"]["num_valid_queries"] == 60
+        pgd = cells[(row, "synth", "none", "pgd", "white_box")]
+        assert pgd["runs"][0]["linf_max"] <= 8 / 255 + 1e-6
+        var = pgd["per_identity"]
+        assert var["variance"] == pytest.approx(var["std"] ** 2) and var["num_queries"] == 60
+    assert cells[("GOAT", "synth", "none", "pgd", "white_box")]
+    assert (out / "tables" / "dddefense_summary.md").read_text().startswith("### DDDefense demo (quick)")
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")}
+    assert len(stamp) >= 49
+    assert main(["demo", "dddefense", "--quick", "--out", str(out), "--resume"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")} == stamp
