@@ -14,11 +14,15 @@ import torch
 from safetensors.torch import load_file
 from tests.conftest import tiny_overrides
 
-import advreid.experiments.dddefense  # noqa: F401  (registers the steps until experiments/__init__ imports it)
 from advreid.config import ConfigError, load_config
 from advreid.data import Record, build_dataset
 from advreid.defenses.dddefense import MANIFEST_NAME, FNESAdversary, FNESLoss
-from advreid.defenses.dddefense.steps import build_fnes_step, build_metric_at_step, check_resampled_root
+from advreid.defenses.dddefense.steps import (
+    SelfMetaStepConfig,
+    build_fnes_step,
+    build_metric_at_step,
+    check_resampled_root,
+)
 from advreid.engine import Batch
 from advreid.experiments import train
 from advreid.experiments.demos import (
@@ -278,3 +282,27 @@ def test_per_identity_of_cell_from_stored_ranks(tmp_path):
     assert (s["num_ids"], s["mean"]) == (3, 50.0) and s["variance"] == pytest.approx(5000 / 3, abs=1e-9)
     with pytest.raises(ValueError, match="per-query scores"):
         per_identity_of_cell({"key": "d", "side": "query", "protocol": {"max_images": 5}}, tmp_path, query)
+
+
+def test_selfmeta_step_config_mirrors_the_meta_config():
+    """``train.step_params`` of the selfmeta step is flat: every field of SelfMetaConfig (but the run's seed) and of
+    FNESLoss must be a step parameter with the same default, so a field added to either cannot be silently dropped."""
+    from dataclasses import MISSING, fields
+
+    from advreid.defenses.dddefense import SelfMetaConfig
+
+    step = {f.name: f for f in fields(SelfMetaStepConfig)}
+
+    def default(f):
+        return f.default_factory() if f.default is MISSING else f.default
+
+    for f in fields(SelfMetaConfig):
+        if f.name != "seed":
+            assert f.name in step, f.name
+            want = default(f)
+            assert default(step[f.name]) == (list(want) if isinstance(want, tuple) else want), f.name
+    loss = FNESLoss()
+    for name in ("tau", "margin", "extension_margin", "triplet_weight", "extension_weight"):
+        assert default(step[name]) == getattr(loss, name), name
+    cfg = SelfMetaStepConfig(inner_lr=0.05, pool_train=["fna"], pool_test=["lta"]).meta_config(7)
+    assert (cfg.inner_lr, cfg.pool_train, cfg.pool_test, cfg.seed) == (0.05, ("fna",), ("lta",), 7)
