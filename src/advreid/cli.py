@@ -397,9 +397,7 @@ def _add_eval(sub: Any) -> None:
                    help="passive defense on every test image (default: the run's defense.passive; none: bare model)")
     e.add_argument("--device", default=None)
     e.add_argument("--num-workers", type=int, default=None)
-    e.add_argument("--skip-bad-images", action="store_true",
-                   help="leave unreadable query/gallery images out (counted, listed in results.json) instead of "
-                   "stopping at the first")
+    _add_skip_bad_images(e)
     e.set_defaults(func=_cmd_eval)
 
 
@@ -454,9 +452,7 @@ def _add_attack(sub: Any) -> None:
     k.add_argument("--out", default=None,
                    help="result folder (default RUN_DIR/attacks/<attack>-<side>[-sweep][-from-<RUN_A>])")
     k.add_argument("--overwrite", action="store_true", help="replace an existing result folder (kept as .old-N)")
-    k.add_argument("--skip-bad-images", action="store_true",
-                   help="leave unreadable query/gallery images out (counted, listed in results.json) instead of "
-                   "stopping at the first")
+    _add_skip_bad_images(k)
     k.set_defaults(func=_cmd_attack)
 
 
@@ -512,6 +508,13 @@ def _cmd_report(a: argparse.Namespace) -> int:
     path = build_report(a.dir, a.out, gradcam=not a.no_gradcam, device=a.device)
     print(f"report: {path} (figures in {path.parent / 'figures'})")
     return 0
+
+
+def _add_skip_bad_images(p: argparse.ArgumentParser) -> None:
+    """``--skip-bad-images`` of the commands that score query/gallery images (``eval``, ``attack``)."""
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave unreadable query/gallery images out (counted, listed in results.json) instead of "
+                   "stopping at the first")
 
 
 def _add_resume_flags(p: argparse.ArgumentParser, what: str) -> None:
