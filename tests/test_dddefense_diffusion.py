@@ -347,3 +347,13 @@ def test_resample_refuses_to_write_into_the_source(synth_root, gen_dir, tmp_path
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resample_dataset(synth_root, tmp_path / "no_generator", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_start_leaves_nothing_and_the_retry_runs(synth_root, tmp_path):
+    """Bad data is refused before the output folder exists, so the corrected command is not blocked by it."""
+    out = tmp_path / "gen"
+    with pytest.raises(FileNotFoundError, match="cannot find the dataset"):
+        train_diffusion(tmp_path / "nope", out, overrides=MICRO)
+    assert not out.exists()
+    train_diffusion(synth_root, out, overrides=MICRO)
+    assert (out / "checkpoints" / "final.json").is_file()

@@ -358,3 +358,13 @@ def test_mask_head_training_and_patch_discriminator(synth_root, victim_run, tmp_
     patch = train_dmr(victim_run, synth_root, tmp_path / "patch", config="dmr_tiny",
                       overrides=ov + ["discriminator.type=patch"])
     assert len(load_generator(patch).discriminator.scales) == 1
+
+
+def test_a_failed_start_leaves_nothing_and_the_retry_runs(synth_root, victim_run, tmp_path):
+    """Data the victim cannot have been trained on is refused before the output folder exists."""
+    out = tmp_path / "gen"
+    with pytest.raises(FileNotFoundError, match="cannot find the dataset"):
+        train_dmr(victim_run, tmp_path / "nope", out, config="dmr_tiny", overrides=["train.progress=false"])
+    assert not out.exists()
+    train_dmr(victim_run, synth_root, out, config="dmr_tiny", overrides=["train.progress=false", "train.epochs=1"])
+    assert (out / "results.json").is_file()

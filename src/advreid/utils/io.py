@@ -107,25 +107,33 @@ def paths_overlap(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return ra == rb or rb in ra.parents or ra in rb.parents
 
 
+def check_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> bool:
+    """Raise what :func:`prepare_run_dir` would refuse, changing nothing (so a tool can validate its inputs before
+    touching the folder); returns whether the folder exists and is non-empty."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"run directory {path} exists and is not a directory")
+    nonempty = path.is_dir() and any(path.iterdir())
+    if resume and not nonempty:
+        raise FileNotFoundError(f"--resume given but run directory {path} is missing or empty")
+    if nonempty and not resume and not overwrite:
+        raise FileExistsError(
+            f"run directory {path} already exists and is not empty; "
+            "pass --resume to continue it or --overwrite to start over (the old one is kept as .old-N)"
+        )
+    return nonempty
+
+
 def prepare_run_dir(path: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Create a run directory; refuse to reuse a non-empty one unless ``resume`` or ``overwrite``.
 
     ``overwrite`` moves the old directory aside to ``<path>.old-N`` instead of deleting it.
     """
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"run directory {path} exists and is not a directory")
-    nonempty = path.is_dir() and any(path.iterdir())
+    nonempty = check_run_dir(path, resume=resume, overwrite=overwrite)
     if resume:
-        if not nonempty:
-            raise FileNotFoundError(f"--resume given but run directory {path} is missing or empty")
         return path
     if nonempty:
-        if not overwrite:
-            raise FileExistsError(
-                f"run directory {path} already exists and is not empty; "
-                "pass --resume to continue it or --overwrite to start over (the old one is kept as .old-N)"
-            )
         n = 1
         while Path(f"{path}.old-{n}").exists():
             n += 1

@@ -50,7 +50,7 @@ from advreid.models import (
     save_checkpoint,
 )
 from advreid.ops import parse_eps
-from advreid.utils.io import atomic_write_json, atomic_write_text, prepare_run_dir, sha256_file
+from advreid.utils.io import atomic_write_json, atomic_write_text, check_run_dir, prepare_run_dir, sha256_file
 from advreid.utils.misc import get_device
 
 __all__ = ["DMR_CHOICES", "DMR_DEFAULTS", "ValidationSplit", "build_nets", "load_dmr_config", "load_generator",
@@ -414,10 +414,11 @@ def train_dmr(victim_run: str | Path | None, data_root: str | Path | None, out: 
     """
     out = Path(out)
     cfg = _resolve_run_config(victim_run, data_root, out, config, overrides, resume)
+    check_run_dir(out, resume=resume, overwrite=overwrite)
+    sess = DMRTrainer(cfg, out)  # loads the victim and the data: bad input fails before ``out`` changes
     prepare_run_dir(out, resume=resume, overwrite=overwrite)
     if not resume or overrides:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
-    sess = DMRTrainer(cfg, out)
     if resume:
         sess.restore()
     progress = cfg["train"]["progress"]

@@ -40,7 +40,7 @@ from advreid.config import ConfigError, dump_config, load_config, preset_dir
 from advreid.data import build_dataset, load_image
 from advreid.models import CheckpointError, read_checkpoint, save_checkpoint
 from advreid.ops import batch_generator, sample_generators
-from advreid.utils.io import append_jsonl, atomic_write_json, atomic_write_text, prepare_run_dir
+from advreid.utils.io import append_jsonl, atomic_write_json, atomic_write_text, check_run_dir, prepare_run_dir
 from advreid.utils.misc import get_device
 
 __all__ = [
@@ -402,9 +402,9 @@ def _resume_config(saved: dict, config: str | Path | dict | None, overrides: Seq
 
 def _open_run(data_root: str | Path | None, out: Path, config: Any, overrides: Sequence[str] | None,
               resume: bool, overwrite: bool, dataset: str) -> tuple[dict, dict]:
-    """Resolve the config and prepare ``out``; returns ``(config, run record)``."""
+    """Resolve the config and the run record, and check ``out`` can be used, changing nothing on disk."""
+    check_run_dir(out, resume=resume, overwrite=overwrite)
     if resume:
-        prepare_run_dir(out, resume=True)
         run_path = out / RUN_FILE
         if not run_path.is_file():
             raise FileNotFoundError(f"resume: {out} has no {RUN_FILE}; it is not a run written by train_diffusion")
@@ -416,12 +416,9 @@ def _open_run(data_root: str | Path | None, out: Path, config: Any, overrides: S
     else:
         if data_root is None:
             raise ValueError("data_root is required unless resume=True")
-        cfg = load_diffusion_config(config, overrides)  # validate before touching ``out``
+        cfg = load_diffusion_config(config, overrides)
         root = Path(data_root).absolute()
-        prepare_run_dir(out, overwrite=overwrite)
     run = {"format": KIND + "-run", "version": 1, "dataset": dataset, "data_root": str(root), "config": cfg}
-    atomic_write_json(out / RUN_FILE, run)
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
     return cfg, run
 
 
@@ -445,7 +442,10 @@ def train_diffusion(
     out = Path(out)
     cfg, run = _open_run(data_root, out, config, overrides, resume, overwrite, dataset)
     device = get_device(cfg["device"])
-    data = _load_training_data(dataset, run["data_root"], cfg)
+    data = _load_training_data(dataset, run["data_root"], cfg)  # bad data fails before ``out`` changes
+    prepare_run_dir(out, resume=resume, overwrite=overwrite)
+    atomic_write_json(out / RUN_FILE, run)
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
     state = _new_state(cfg, data, device)
     if resume:
         _restore(out, state, data)
