@@ -229,7 +229,7 @@ class Attack:
             modes = [(m, m.training) for m in self.model.modules()]
             self.model.train(self.model_mode == "train")
             try:
-                self._set_defense_streams(self.generators(idx, "defense/setup"))
+                self._set_defense_streams(idx, "defense/setup")
                 with torch.no_grad():
                     state = self.setup(x0, inp)
                 state["index"] = idx
@@ -238,7 +238,7 @@ class Attack:
             finally:
                 for m, mode in modes:
                     m.training = mode
-                self._set_defense_streams(None)
+                self._set_defense_streams(None, "")
         return out.detach()
 
     attack = __call__
@@ -254,10 +254,12 @@ class Attack:
         u = per_sample_rand(self.generators(index, stream), x0.shape[1:], dtype=x0.dtype, device=x0.device)
         return (x0 + (2 * u - 1) * self.eps).clamp_(0, 1)
 
-    def _set_defense_streams(self, streams: list[torch.Generator] | None) -> None:
+    def _set_defense_streams(self, index: torch.Tensor | None, stream: str) -> None:
+        """Give a randomised defense each sample's generator of ``stream`` (``index`` None: back to its default);
+        a model without random parts gets nothing, so no generator is made in the step loop."""
         setter = getattr(self.model, "set_random_streams", None)
         if callable(setter) and getattr(self.model, "randomized", False):
-            setter(streams)
+            setter(None if index is None else self.generators(index, stream))
 
     def input_grad(self, x: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         """Gradient of the summed per-sample losses w.r.t. the input, averaged over ``eot_samples`` passes (EOT).
@@ -267,7 +269,7 @@ class Attack:
         g = None
         for d in range(self.eot_samples):
             if "index" in state:
-                self._set_defense_streams(self.generators(state["index"], f"defense/{state.get('step', 0)}/{d}"))
+                self._set_defense_streams(state["index"], f"defense/{state.get('step', 0)}/{d}")
             gd = self.single_grad(x, state)
             g = gd if g is None else g.add_(gd)
         assert g is not None
@@ -303,7 +305,7 @@ class Attack:
         for t in range(self.steps):
             state["step"] = t
             if "index" in state:  # reference forwards of the step (LTA) through a random defense: own streams too
-                self._set_defense_streams(self.generators(state["index"], f"defense/{t}/ref"))
+                self._set_defense_streams(state["index"], f"defense/{t}/ref")
             self.before_step(state, t)
             g = self.input_grad(x, state)
             if self.momentum > 0:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from advreid.models import save_checkpoint
+from advreid.models import checkpoint_paths, save_checkpoint
 from advreid.utils.io import append_jsonl, atomic_write_text
 
 if TYPE_CHECKING:
@@ -147,8 +147,8 @@ class Checkpointer(HookBase):
         if self.last is not None and self.last != stem:
             prev_epoch = int(self.last.name.split("_")[1])
             if not (self.keep_every and prev_epoch % self.keep_every == 0):
-                for suf in (".json", ".safetensors"):  # json first: a stem without json is ignored
-                    Path(f"{self.last}{suf}").unlink(missing_ok=True)
+                for f in reversed(checkpoint_paths(self.last)):  # json first: a stem without json is ignored
+                    f.unlink(missing_ok=True)
         self.last = stem
 
     def after_train(self) -> None:

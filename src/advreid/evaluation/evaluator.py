@@ -68,8 +68,7 @@ def evaluate_model(
     """Evaluate ``model`` on query/gallery records under the Market-1501 protocol; returns a flat dict of metrics
     with their bootstrap intervals. ``protocol`` (or its fields as keywords: ``metric``, ``flip``, ``rerank``,
     ``height``...) says how; with ``rerank`` both the plain and the re-ranked scores are returned (``rr_`` keys)."""
-    protocol = (protocol or EvalProtocol()).replace(**protocol_fields) if protocol_fields else \
-        (protocol or EvalProtocol())
+    protocol = (protocol or EvalProtocol()).replace(**protocol_fields)
     t0 = time.perf_counter()
     tf = build_transforms(protocol.height, protocol.width, is_train=False)
     kw = dict(batch_size=protocol.batch_size, flip=protocol.flip, normalize=protocol.normalize, device=device,
@@ -77,13 +76,19 @@ def evaluate_model(
     qf, qp, qc = extract_features(model, ImageDataset(list(query), tf), desc="query", **kw)
     gf, gp, gc = extract_features(model, ImageDataset(list(gallery), tf), desc="gallery", **kw)
     t1 = time.perf_counter()
-    out = evaluate_features(qf, qp, qc, gf, gp, gc, metric=protocol.metric, ap=protocol.ap)
-    if protocol.rerank:
-        rr = evaluate_features(qf, qp, qc, gf, gp, gc, metric=protocol.metric, rerank=True, ap=protocol.ap)
-        out.update({f"rr_{k}": v for k, v in rr.items() if k != "num_valid_queries"})
+    out = score((qf, qp, qc), (gf, gp, gc), protocol)
     out["extract_s"] = round(t1 - t0, 3)
     out["score_s"] = round(time.perf_counter() - t1, 3)
     out["protocol"] = {"metric": protocol.metric, "normalize": protocol.normalize, "flip": protocol.flip,
                        "ap": protocol.ap, "rerank": protocol.rerank, "num_query": len(query),
                        "num_gallery": len(gallery)}
+    return out
+
+
+def score(query: tuple, gallery: tuple, protocol: EvalProtocol) -> dict:
+    """Plain metrics of (features, pids, camids) query vs gallery, plus the re-ranked ones under ``rr_`` keys."""
+    out = evaluate_features(*query, *gallery, metric=protocol.metric, ap=protocol.ap)
+    if protocol.rerank:
+        rr = evaluate_features(*query, *gallery, metric=protocol.metric, ap=protocol.ap, rerank=True)
+        out.update({f"rr_{k}": v for k, v in rr.items() if k != "num_valid_queries"})
     return out

@@ -17,6 +17,8 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 
+from advreid.evaluation.distance import METRICS
+from advreid.evaluation.rank import AP_MODES
 from advreid.ops import eps_label, finalize, parse_eps, parse_number
 from advreid.utils.misc import jsonable
 
@@ -49,9 +51,9 @@ class EvalProtocol:
     max_images: int | None = None
 
     def __post_init__(self) -> None:
-        if self.metric not in ("cosine", "euclidean", "sqeuclidean"):
+        if self.metric not in METRICS:
             raise ValueError(f"metric={self.metric!r}; expected cosine, euclidean or sqeuclidean")
-        if self.ap not in ("standard", "official"):
+        if self.ap not in AP_MODES:
             raise ValueError(f"ap={self.ap!r}; expected standard or official")
         if self.max_images is not None and (isinstance(self.max_images, bool) or self.max_images < 1):
             raise ValueError(f"max_images={self.max_images!r}: expected a positive number of images (or None)")

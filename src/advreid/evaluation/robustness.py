@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from advreid.data import ImageDataset, Record, build_transforms
-from advreid.evaluation.evaluator import evaluate_features
+from advreid.evaluation.evaluator import score
 from advreid.evaluation.protocol import (
     SIDES,
     AttackResult,
@@ -80,15 +80,6 @@ def build_guide_bank(model: nn.Module, records: Sequence[Record], source: str, *
     return GuideBank.from_images(model, ImageDataset(list(records), tf), source=source,
                                  batch_size=protocol.batch_size, device=_device(model, options),
                                  num_workers=options.num_workers, progress=options.progress)
-
-
-def score(query: tuple, gallery: tuple, protocol: EvalProtocol) -> dict:
-    """Plain metrics of (features, pids, camids) query vs gallery, plus the re-ranked ones under ``rr_`` keys."""
-    out = evaluate_features(*query, *gallery, metric=protocol.metric, ap=protocol.ap)
-    if protocol.rerank:
-        rr = evaluate_features(*query, *gallery, metric=protocol.metric, ap=protocol.ap, rerank=True)
-        out.update({f"rr_{k}": v for k, v in rr.items() if k != "num_valid_queries"})
-    return out
 
 
 # -------------------------------------------------------------------------------------------- attack_dataset
@@ -280,7 +271,6 @@ class _Plan:
     extra: dict
     guides: Any
     guide_info: dict | None
-    attacked: list
     sub: list[int]
     clean: dict
     clean_metrics: dict
@@ -296,10 +286,11 @@ def _plan(model: nn.Module, query: Sequence[Record], gallery: Sequence[Record], 
         threat.source_model.to(device).eval()
     eval_model, attacker, extra = threat.models(model)
     # the preset's own side (ifgsm_bai: gallery) anchors its guide set
-    declared = getattr(spec.replace(side=None).build(attacker, **extra), "side", "query")
+    first = spec.replace(side=None).build(attacker, **extra)
+    declared = getattr(first, "side", "query")
     side = spec.side or declared
     spec = spec.replace(side=side)
-    probe = spec.build(attacker, **extra)
+    probe = first if side == declared else spec.build(attacker, **extra)  # built once (a DMR build loads weights)
     sets = {"query": list(query), "gallery": list(gallery)}
     if train is not None:
         sets["train"] = list(train)
@@ -317,7 +308,7 @@ def _plan(model: nn.Module, query: Sequence[Record], gallery: Sequence[Record], 
     clean, clean_metrics = _clean(eval_model, dkey, sets_eval, side, protocol, options, device)
     guides, guide_info = None, None
     if needs_guides:  # the full set (not the subset), embedded once by the attacking model (and cached)
-        cache = options.cache if options.cache is not None else {}
+        cache = options.cache  # evaluate_attack always gives one
         gkey = ("guides", gsrc, "source" if threat.source_model is not None else "target",
                 dkey if threat.adaptive else "none", protocol.height, protocol.width)
         if gkey not in cache:
@@ -326,8 +317,7 @@ def _plan(model: nn.Module, query: Sequence[Record], gallery: Sequence[Record], 
         guide_info = {"source": gsrc, "num": len(sets[gsrc]),
                       "model": "source" if threat.source_model is not None else "target",
                       "through_defense": bool(threat.adaptive)}
-    return _Plan(spec, side, eval_model, attacker, extra, guides, guide_info, [sets[side][i] for i in sub], sub,
-                 clean, clean_metrics, sets_eval)
+    return _Plan(spec, side, eval_model, attacker, extra, guides, guide_info, sub, clean, clean_metrics, sets_eval)
 
 
 def evaluate_attack(model: nn.Module, query: Sequence[Record], gallery: Sequence[Record], attack: AttackSpec, *,
@@ -364,7 +354,7 @@ def evaluate_attack(model: nn.Module, query: Sequence[Record], gallery: Sequence
         sdir = None
         if options.save_dir is not None:
             sdir = Path(options.save_dir) if len(eps_list) == 1 else Path(options.save_dir) / f"eps_{eps_label(eps)}"
-        out = attack_dataset(atk, p.attacked, p.eval_model, protocol=protocol, guides=p.guides, indices=p.sub,
+        out = attack_dataset(atk, p.sets_eval[p.side], p.eval_model, protocol=protocol, guides=p.guides, indices=p.sub,
                              finalize_kw=attack.finalize_kw, options=options, save_dir=sdir,
                              desc=f"{attack.name} eps={eps_label(eps)}")
         feats = dict(p.clean)

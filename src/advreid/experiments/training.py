@@ -346,7 +346,13 @@ def _evaluator(p: TrainingRun) -> Callable[[nn.Module], dict]:
         if bad_q or bad_g:
             _log(f"skipped {len(bad_q) + len(bad_g)} unreadable test image(s) in the periodic evaluation "
                  f"({len(bad_q)} query, {len(bad_g)} gallery; data.skip_bad_images=true)", p.info)
-    return lambda model: evaluate_model(model, query, gallery, proto, device=p.device, num_workers=d["num_workers"])
+
+    def evaluate(model: nn.Module) -> dict:
+        res = evaluate_model(model, query, gallery, proto, device=p.device, num_workers=d["num_workers"])
+        res.pop("per_query", None)  # a metrics row (and its checkpoint's meta) keeps metrics, not every query
+        return res
+
+    return evaluate
 
 
 # --------------------------------------------------------------------------------------------- the command
