@@ -259,3 +259,27 @@ def test_dmr_generator_and_transfer_columns(tiny_run, synth_root, tmp_path):
     mtime = (gen / "results.json").stat().st_mtime_ns
     run_bench(cfg, tmp_path / "b", resume=True, progress=False)
     assert (gen / "results.json").stat().st_mtime_ns == mtime  # the generator is reused, not retrained
+
+
+def test_saved_adversarial_images_are_the_reports_chosen_queries(tiny_run, synth_root, tmp_path):
+    """With ``max_images`` the attacked queries are evenly spaced; the bench keeps the adversarial PNGs of the
+    queries the report will choose (the first 3 valid ones of that subset), so no chosen query lacks its image."""
+    from advreid.data import build_dataset
+    from advreid.evaluation.robustness import subset_indices
+    from advreid.reporting.selection import default_queries, valid_query_mask
+
+    cfg = _cfg(tiny_run, synth_root)
+    cfg["grid"][0].update(defenses=["none"], attacks=["ifgsm"])
+    cfg["settings"].update(max_images=7, rerank=False)
+    doc, out = run_bench(cfg, tmp_path / "q", progress=False)
+    ds = build_dataset("market1501", synth_root)
+    sub = subset_indices(len(ds.query), 7)
+    assert sub[:3] != [0, 1, 2]  # evenly spaced, so the old fixed [0, 1, 2] would miss
+    valid = valid_query_mask([r.pid for r in ds.query], [r.camid for r in ds.query],
+                             [r.pid for r in ds.gallery], [r.camid for r in ds.gallery])
+    chosen = default_queries(valid[sub], sub, 3)
+    saved = sorted(int(p.stem) for p in (out / "cells").rglob("adv/*.png"))
+    assert saved == chosen
+    text = (out / "report.html").read_text()
+    for q in chosen:
+        assert f"/adv/{q:06d}.png)" not in text  # the report's "adversarial image not saved (...)" note

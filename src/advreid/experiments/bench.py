@@ -252,10 +252,20 @@ class Bench:
         return train_dmr(victim, data, out, g.get("config", "dmr_tiny"), ov, resume=resume)
 
     def selected_queries(self, dataset: str) -> list[int]:
-        """The queries whose adversarial images are kept for the report (``report.queries``, default the first 3)."""
+        """The queries whose adversarial images are kept for the report: ``report.queries``, by default the ones the
+        report chooses (the first 3 valid queries of the attacked subset, :func:`default_queries`)."""
+        from advreid.evaluation.robustness import subset_indices
+        from advreid.reporting.selection import default_queries, valid_query_mask
+
         rep = self.cfg.get("report") or {}
-        n = len(self.dataset(dataset).query)
-        picked = rep.get("queries", [0, 1, 2])
+        ds = self.dataset(dataset)
+        n = len(ds.query)
+        picked = rep.get("queries")
+        if not picked:
+            sub = subset_indices(n, self.s["max_images"])
+            valid = valid_query_mask([r.pid for r in ds.query], [r.camid for r in ds.query],
+                                     [r.pid for r in ds.gallery], [r.camid for r in ds.gallery])
+            picked = default_queries(valid[sub], sub, 3)
         rl = self.cfg.get("ranklist") or {}
         if "query" in rl:
             picked = [int(rl["query"]), *picked]
