@@ -21,6 +21,7 @@ from torch import nn
 from advreid.ops.budget import parse_eps, resolve_steps
 from advreid.ops.random import per_sample_rand, sample_generators
 from advreid.registry import Preset, Registry
+from advreid.utils.misc import module_mode
 
 DISTANCES = ("mse", "sqeuclidean", "cosine")
 GRAD_NORMS = (None, "mean_abs", "l1")
@@ -226,18 +227,15 @@ class Attack:
             x0 = images.detach().clone()
             if self.steps == 0 or b == 0:
                 return x0
-            modes = [(m, m.training) for m in self.model.modules()]
-            self.model.train(self.model_mode == "train")
             try:
-                self._set_defense_streams(idx, "defense/setup")
-                with torch.no_grad():
-                    state = self.setup(x0, inp)
-                state["index"] = idx
-                with torch.enable_grad():
-                    out = self.run(x0, state, idx)
+                with module_mode(self.model, self.model_mode == "train"):
+                    self._set_defense_streams(idx, "defense/setup")
+                    with torch.no_grad():
+                        state = self.setup(x0, inp)
+                    state["index"] = idx
+                    with torch.enable_grad():
+                        out = self.run(x0, state, idx)
             finally:
-                for m, mode in modes:
-                    m.training = mode
                 self._set_defense_streams(None, "")
         return out.detach()
 

@@ -12,6 +12,7 @@ from torch import nn
 from advreid.attacks import Attack, Guides
 from advreid.data import ImageDataset, Record, build_transforms
 from advreid.engine import HookBase
+from advreid.utils.misc import module_mode
 
 
 class GuidePool:
@@ -45,14 +46,8 @@ class GuidePool:
         idx = self.sample(pids, generator)
         device = next(attack.model.parameters()).device
         images = torch.stack([self.dataset[i][0] for i in idx]).to(device)
-        modes = [(m, m.training) for m in attack.model.modules()]
-        attack.model.train(getattr(attack, "model_mode", "eval") == "train")
-        try:
-            with torch.no_grad():
-                feats = attack.features(images)
-        finally:
-            for m, mode in modes:
-                m.training = mode
+        with module_mode(attack.model, getattr(attack, "model_mode", "eval") == "train"), torch.no_grad():
+            feats = attack.features(images)
         return Guides(push=feats.view(pids.shape[0], self.draws, -1))
 
 

@@ -67,7 +67,7 @@ def _run_accuracy(job: BiasJob, ds: Any) -> dict:
     model.to(get_device(job.device)).eval()
     proto = EvalProtocol.of_model(model)
     q_pids = [r.pid for r in ds.query]
-    opts = RunOptions(device=get_device(job.device), progress=True)
+    opts = RunOptions(device=get_device(job.device), progress=True, cache={})  # clean features shared by both
     clean = evaluate_clean(model, ds.query, ds.gallery, protocol=proto, options=opts)
     out: dict[str, Any] = {"clean": per_identity_scores(clean["clean"], q_pids)}
     if job.attack is not None:

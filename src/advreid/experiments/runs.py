@@ -19,7 +19,7 @@ from advreid.evaluation import AttackSpec, EvalProtocol, RunOptions, ThreatModel
 from advreid.evaluation.protocol import AUTO
 from advreid.models import find_checkpoint, load_checkpoint
 from advreid.ops import SEED_COMPAT
-from advreid.utils.io import atomic_write_json, atomic_write_text, prepare_run_dir
+from advreid.utils.io import atomic_write_json, atomic_write_text, paths_overlap, prepare_run_dir
 from advreid.utils.misc import get_device
 
 __all__ = ["AttackJob", "EvalJob", "default_out_dir", "load_run", "run_attack", "run_eval"]
@@ -193,10 +193,8 @@ def _seed_compat(spec: AttackSpec) -> AttackSpec:
 
 
 def _check_output_dirs(dirs: list[Path], overwrite: bool, dataset_root: Path) -> None:
-    root = dataset_root.resolve()
     for d in dirs:
-        r = d.resolve()
-        if r == root or root in r.parents or r in root.parents:
+        if paths_overlap(d, dataset_root):
             raise ValueError(f"output folder {d} is inside (or contains) the dataset folder {dataset_root}: "
                              "choose a folder outside the dataset")
         if d.is_dir() and any(d.iterdir()) and not overwrite:
@@ -228,7 +226,7 @@ def run_attack(job: AttackJob) -> tuple[dict, Path]:
     d = threat.defense
     dlabel = None if d is None else d.name + ("-adaptive" if threat.adaptive else "")
     out = Path(job.out) if job.out is not None else default_out_dir(job.run_dir, spec.name, side,
-                                                                    sweep=job.sweep is not None and len(job.sweep) > 1,
+                                                                    sweep=sweep is not None,
                                                                     source_run=job.source_run, defense=dlabel)
     dirs = [out] + ([Path(job.save_adv)] if job.save_adv is not None else [])
     _check_output_dirs(dirs, job.overwrite, Path(job.data))

@@ -16,13 +16,11 @@ the same command, with or without ``resume``; on resume, metrics rows after the 
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -47,6 +45,7 @@ from advreid.losses import ReIDLoss
 from advreid.models import CheckpointMismatchError, ReIDNet, build_model, find_checkpoint, read_checkpoint
 from advreid.registry import Preset, Registry, RegistryError, did_you_mean
 from advreid.utils.io import atomic_write_text, prepare_run_dir
+from advreid.utils.misc import seed_everything
 
 __all__ = ["TRAIN_STEPS", "TrainResult", "TrainingRun", "build_trainer", "check_train_config", "register_train_step",
            "train"]
@@ -217,9 +216,7 @@ def build_trainer(cfg: dict, *, resume_from: Path | None = None, step: Callable 
     step = step or _configured_step(cfg)
     device = setup_device(info, cfg["device"])
     seed = int(cfg["seed"])
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
+    seed_everything(seed)
     dcfg = cfg["data"]
     ds = build_dataset(dcfg["name"], dcfg["root"], train_all=dcfg["train_all"])
     records, bad = check_images(ds.train, skip_bad=dcfg["skip_bad_images"])

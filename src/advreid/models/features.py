@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from advreid.utils.misc import module_mode
+
 
 @torch.no_grad()
 def embed(model: nn.Module, images: torch.Tensor, *, flip: bool = False, normalize: bool = True) -> torch.Tensor:
@@ -37,8 +39,6 @@ def extract_features(
     if device is None:
         device = next(model.parameters()).device
     device = torch.device(device)
-    modes = [(m, m.training) for m in model.modules()]  # restored one by one: mixed modes come back as they were
-    model.eval()
     loader = DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     feats, pids, camids = [], [], []
@@ -47,15 +47,12 @@ def extract_features(
         from tqdm import tqdm
 
         it = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
-    try:
+    with module_mode(model, False):  # restored one by one: mixed modes come back as they were
         for batch in it:
             imgs, pid, cam = batch[0], batch[1], batch[2]
             feats.append(embed(model, imgs.to(device, non_blocking=True), flip=flip, normalize=normalize).cpu())
             pids.append(torch.as_tensor(pid))
             camids.append(torch.as_tensor(cam))
-    finally:
-        for m, mode in modes:
-            m.training = mode
     if not feats:
         raise ValueError(f"{desc}: the dataset is empty, nothing to extract")
     return torch.cat(feats), torch.cat(pids), torch.cat(camids)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 
 def jsonable(obj: Any) -> Any:
@@ -40,3 +43,16 @@ def get_device(device: str | torch.device | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but CUDA is not available on this machine")
     return dev
+
+
+@contextmanager
+def module_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
+    """``model`` in train (``training``) or eval mode for the block; afterwards every submodule gets its own flag
+    back, so a model with mixed modes (e.g. frozen BatchNorm) comes back as it was."""
+    modes = [(mod, mod.training) for mod in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for mod, mode in modes:
+            mod.training = mode

@@ -24,7 +24,6 @@ epoch, history; rewritten atomically every epoch); ``checkpoints/best.{safetenso
 
 from __future__ import annotations
 
-import random
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ from advreid.models import (
 )
 from advreid.ops import parse_eps
 from advreid.utils.io import atomic_write_json, atomic_write_text, check_run_dir, prepare_run_dir, sha256_file
-from advreid.utils.misc import get_device
+from advreid.utils.misc import get_device, seed_everything
 
 __all__ = ["DMR_CHOICES", "DMR_DEFAULTS", "ValidationSplit", "build_nets", "load_dmr_config", "load_generator",
            "split_validation", "train_dmr", "victim_outputs"]
@@ -224,9 +223,7 @@ def _load_victim(victim_run: str, device: torch.device) -> tuple[nn.Module, dict
 
 def _seed_epoch(seed: int, epoch: int) -> int:
     s = int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
-    random.seed(s)
-    np.random.seed(s)
-    torch.manual_seed(s)
+    seed_everything(s)
     return s
 
 

@@ -40,8 +40,6 @@ softening schedule and attack settings are not public (spec 3.11); this module i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -49,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advreid.attacks import Attack, Guides, build
+from advreid.utils.misc import module_mode
 
 __all__ = ["PULL_MODES", "FNESAdversary", "FNESLoss", "batch_guides", "pairwise_distance"]
 
@@ -121,17 +120,6 @@ def batch_guides(feats: torch.Tensor, pids: torch.Tensor, *, normalize: bool = F
     return Guides(push=push, push_mask=push_mask, pull=cand[j].unsqueeze(1), pull_mask=other.any(1, keepdim=True))
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 class FNESAdversary:
     """Adversarial anchors for FNES: an ``advreid`` attack run on a training batch with in-batch guides.
 
@@ -162,7 +150,7 @@ class FNESAdversary:
 
     def guides(self, images: torch.Tensor, pids: torch.Tensor) -> Guides:
         """In-batch guides from the clean images' raw features (eval mode, no grad; the model's modes restored)."""
-        with _eval_mode(self.attack.model), torch.no_grad():
+        with module_mode(self.attack.model, False), torch.no_grad():
             feats = self.attack.features(images, normalize=False)
         return batch_guides(feats, pids.to(feats.device), normalize=self.attack.normalize, pull=self.pull)
 

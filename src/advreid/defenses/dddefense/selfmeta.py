@@ -35,8 +35,7 @@ and the first-order MLDG / M3L meta step. Choices and reasons:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +47,7 @@ from torch.func import functional_call
 from advreid.attacks import Attack, build
 from advreid.defenses.dddefense.fnes import PULL_MODES, FNESAdversary, FNESLoss
 from advreid.ops import batch_generator
+from advreid.utils.misc import module_mode
 
 __all__ = [
     "CONSISTENCY",
@@ -224,17 +224,6 @@ class SelfMetaResult:
     test_index: torch.Tensor
 
 
-@contextmanager
-def _train_mode(model: nn.Module) -> Iterator[None]:
-    modes = [(m, m.training) for m in model.modules()]
-    model.train()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-
 def _embedding(out: Any, model: nn.Module) -> torch.Tensor:
     """The retrieval embedding from a forward output: a tensor, or ReIDNet's training dict (its ``neck_feat``)."""
     if isinstance(out, torch.Tensor):
@@ -318,7 +307,7 @@ class SelfMetaStep:
         advs = [FNESAdversary(a, pull=cfg.pull)(x0[i.to(x0.device)], pids[i.to(pids.device)], index=idx[i],
                                                  seed=attack_seed) for a, i in zip(attacks, (tr, te), strict=True)]
         tr_d, te_d = tr.to(x0.device), te.to(x0.device)
-        with _train_mode(self.model):
+        with module_mode(self.model, True):
             parts = first_order_meta_step(
                 self.model,
                 lambda fwd: self.task_loss(fwd, advs[0], x0[tr_d], pids[tr_d]),
