@@ -11,6 +11,8 @@ from typing import Any
 
 import yaml
 
+from advreid.registry import did_you_mean
+
 # Every key a training/eval run understands, with its default. ``None`` means "any type".
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -133,10 +135,9 @@ def resolve_config_path(name_or_path: str | Path, folder: Path | None = None) ->
     if p.parent == Path(".") and cand.is_file():
         return cand
     names = sorted(q.stem for q in folder.glob("*.yaml"))
-    close = difflib.get_close_matches(p.stem, names, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigError(
-        f"config {str(name_or_path)!r}: no such file, and not a preset name{hint} (presets: {', '.join(names)})"
+        f"config {str(name_or_path)!r}: no such file, and not a preset name{did_you_mean(p.stem, names)} "
+        f"(presets: {', '.join(names)})"
     )
 
 

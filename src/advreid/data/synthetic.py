@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import colorsys
 import dataclasses
-import difflib
 import io
 import math
 import os
@@ -41,6 +40,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from advreid.registry import did_you_mean
 from advreid.utils.io import atomic_write_json
 
 __all__ = [
@@ -734,9 +734,8 @@ def _synth_config(config: SynthConfig | None, params: dict[str, Any]) -> SynthCo
     names = {f.name for f in dataclasses.fields(SynthConfig)}
     for k in params:
         if k not in names:
-            close = difflib.get_close_matches(k, sorted(names), n=1)
-            raise ValueError(f"generate_synthetic: unknown parameter {k!r}"
-                             + (f" (did you mean {close[0]!r}?)" if close else "") + f"; valid: {sorted(names)}")
+            raise ValueError(f"generate_synthetic: unknown parameter {k!r}{did_you_mean(k, sorted(names))}; "
+                             f"valid: {sorted(names)}")
     if isinstance(params.get("images_per_id_per_cam"), list):
         params["images_per_id_per_cam"] = tuple(params["images_per_id_per_cam"])
     return dataclasses.replace(config or SynthConfig(), **params)

@@ -17,7 +17,7 @@ from advreid.defenses.dddefense.steps import (
     build_selfmeta_step,
     step_param_names,
 )
-from advreid.experiments.training import TRAIN_STEPS
+from advreid.experiments.training import register_train_step
 
 __all__ = ["DDDEFENSE_STEPS", "register_dddefense_steps"]
 
@@ -29,9 +29,9 @@ DDDEFENSE_STEPS = {
 
 
 def register_dddefense_steps() -> None:
-    """Register (or re-register) the DDDefense steps in :data:`advreid.experiments.TRAIN_STEPS`."""
+    """Register (or re-register) the DDDefense steps as training steps (``train.step``)."""
     for name, (builder, config_cls) in DDDEFENSE_STEPS.items():
-        TRAIN_STEPS.add_preset(name, builder, skip=1, allowed=step_param_names(config_cls), overwrite=True)
+        register_train_step(name, builder, allowed=step_param_names(config_cls), overwrite=True)
 
 
 register_dddefense_steps()

@@ -56,10 +56,11 @@ TRAIN_STEPS: Registry[Preset] = Registry("training step")
 
 
 def register_train_step(name: str, builder: Callable[..., Callable], *, overwrite: bool = False,
-                        **defaults: Any) -> None:
+                        allowed: Sequence[str] | None = None, **defaults: Any) -> None:
     """Register ``builder(cfg, **params) -> step`` under ``name`` (selected by ``train.step=name``); the step is a
-    callable ``step(trainer) -> loss parts`` that replaces :func:`advreid.engine.standard_step`."""
-    TRAIN_STEPS.add_preset(name, builder, skip=1, overwrite=overwrite, **defaults)
+    callable ``step(trainer) -> loss parts`` that replaces :func:`advreid.engine.standard_step`. ``allowed``: the
+    ``train.step_params`` keys it accepts, when the builder takes ``**params`` (default: its signature's)."""
+    TRAIN_STEPS.add_preset(name, builder, skip=1, overwrite=overwrite, allowed=allowed, **defaults)
 
 
 @dataclass

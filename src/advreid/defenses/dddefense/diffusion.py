@@ -467,7 +467,8 @@ def train_diffusion(
 
 
 # --------------------------------------------------------------------------------------------------- generation
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def resize_images(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(B,3,H,W) [0,1] images at ``size`` (bicubic, antialiased, clamped); unchanged when already that size."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False, antialias=True).clamp_(0, 1)
@@ -577,7 +578,7 @@ class Generator:
             sched = self._scheduler(steps)
             x = x * sched.init_noise_sigma
             lab = (labels[0][s:s + bs], labels[1][s:s + bs])
-            outs.append(_resize(self._denoise(x, sched, sched.timesteps, lab, gens, eta, guidance),
+            outs.append(resize_images(self._denoise(x, sched, sched.timesteps, lab, gens, eta, guidance),
                                 size or self.image_size))
         return torch.cat(outs) if outs else torch.empty((0, 3, *(size or self.image_size)))
 
@@ -611,11 +612,11 @@ class Generator:
             gens = sample_generators(seed, keys[s:s + bs], "dddefense-sdedit")
             sched = self._scheduler(steps)
             timesteps = sched.timesteps[steps - n_noise:]
-            x0 = _resize(images[s:s + bs].detach().float().cpu(), self.model_size) * 2 - 1
+            x0 = resize_images(images[s:s + bs].detach().float().cpu(), self.model_size) * 2 - 1
             noise = torch.stack([torch.randn((3, *self.model_size), generator=g) for g in gens])
             x = sched.add_noise(x0, noise, timesteps[:1].expand(len(x0)))
             lab = (labels[0][s:s + bs], labels[1][s:s + bs])
-            outs.append(_resize(self._denoise(x, sched, timesteps, lab, gens, 0.0, guidance), images.shape[-2:]))
+            outs.append(resize_images(self._denoise(x, sched, timesteps, lab, gens, 0.0, guidance), images.shape[-2:]))
         return torch.cat(outs).to(images.device, images.dtype)
 
 

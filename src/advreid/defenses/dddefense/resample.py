@@ -46,11 +46,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from advreid.data import Record, build_dataset, load_image
-from advreid.defenses.dddefense.diffusion import Generator, load_generator
+from advreid.defenses.dddefense.diffusion import Generator, load_generator, resize_images
 from advreid.ops import to_uint8
 from advreid.utils.io import atomic_write_bytes, atomic_write_json, paths_overlap, prepare_run_dir, sha256_file
 
@@ -230,10 +229,7 @@ def _png(x: torch.Tensor) -> bytes:
 def _load_source(path: Path, size: Sequence[int]) -> tuple[torch.Tensor, tuple[int, int]]:
     img = load_image(path)
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-    own = (img.height, img.width)
-    if own != tuple(size):
-        x = F.interpolate(x, size=tuple(size), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    return x[0], own
+    return resize_images(x, size)[0], (img.height, img.width)
 
 
 # --------------------------------------------------------------------------------------------- the manifest
@@ -298,8 +294,7 @@ def _generate(gen: Generator, batch: list[dict], src: Path, cfg: ResampleConfig)
     loaded = [_load_source(src / e["source"], gen.model_size) for e in batch]
     x = gen.resample(torch.stack([a for a, _ in loaded]), cams, pids, cfg.strength, cfg.seed, keys,
                      steps=cfg.steps, guidance_scale=cfg.guidance_scale, batch_size=bs)
-    return [F.interpolate(xi[None], size=own, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)[0]
-            if tuple(xi.shape[-2:]) != own else xi for xi, (_, own) in zip(x, loaded, strict=True)]
+    return [resize_images(xi[None], own)[0] for xi, (_, own) in zip(x, loaded, strict=True)]
 
 
 def resample_dataset(root: str | os.PathLike, generator_dir: str | os.PathLike, out: str | os.PathLike,

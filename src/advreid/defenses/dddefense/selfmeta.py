@@ -224,16 +224,16 @@ class SelfMetaResult:
     test_index: torch.Tensor
 
 
-def _embedding(out: Any, model: nn.Module) -> torch.Tensor:
-    """The retrieval embedding from a forward output: a tensor, or ReIDNet's training dict (its ``neck_feat``)."""
+def retrieval_embedding(out: Any, model: nn.Module) -> torch.Tensor:
+    """The retrieval embedding (B,D) of a forward output: a tensor, or ReIDNet's training dict (``neck_feat``)."""
     if isinstance(out, torch.Tensor):
         return out.flatten(1)
     if isinstance(out, Mapping):
         key = "feat_before_bn" if getattr(model, "neck_feat", "after") == "before" else "feat_after_bn"
         if out.get(key) is None:
-            raise ValueError(f"SelfMetaStep: the model's training output has no {key!r}")
+            raise ValueError(f"the model's training output has no {key!r}")
         return out[key].flatten(1)
-    raise TypeError(f"SelfMetaStep: the model's forward returned {type(out).__name__}, expected a tensor or a dict")
+    raise TypeError(f"the model's forward returned {type(out).__name__}, expected a tensor or a dict")
 
 
 class SelfMetaStep:
@@ -275,10 +275,10 @@ class SelfMetaStep:
         """FNES on ``forward``'s features of ``adv`` (gallery: those of ``clean``) + teacher consistency."""
         n = adv.shape[0]
         if self.config.use_clean:
-            feats = _embedding(forward(torch.cat([adv, clean])), self.model)
+            feats = retrieval_embedding(forward(torch.cat([adv, clean])), self.model)
             f_adv, f_clean = feats[:n], feats[n:]
         else:
-            f_adv, f_clean = _embedding(forward(adv), self.model), None
+            f_adv, f_clean = retrieval_embedding(forward(adv), self.model), None
         loss, parts = self.loss(f_adv, pids, f_clean)
         if self.teacher is not None:
             t = self.teacher_features(clean).to(f_adv.dtype)

@@ -39,7 +39,7 @@ from torch import nn
 from advreid.attacks import ATTACKS
 from advreid.defenses.dddefense.fnes import PULL_MODES, FNESAdversary, FNESLoss
 from advreid.defenses.dddefense.resample import MANIFEST_NAME
-from advreid.defenses.dddefense.selfmeta import CONSISTENCY, SelfMetaConfig, SelfMetaResult, SelfMetaStep
+from advreid.defenses.dddefense.selfmeta import CONSISTENCY, SelfMetaConfig, SelfMetaStep, retrieval_embedding
 from advreid.losses import TripletLoss
 
 __all__ = [
@@ -205,18 +205,6 @@ def fnes_loss(c: FNESStepConfig | SelfMetaStepConfig) -> FNESLoss:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def retrieval_embedding(out: Any, model: nn.Module) -> torch.Tensor:
-    """The retrieval embedding (B,D) of a forward output: a tensor, or ReIDNet's training dict (``neck_feat``)."""
-    if isinstance(out, torch.Tensor):
-        return out.flatten(1)
-    if isinstance(out, Mapping):
-        key = "feat_before_bn" if getattr(model, "neck_feat", "after") == "before" else "feat_after_bn"
-        if out.get(key) is None:
-            raise ValueError(f"the model's training output has no {key!r}")
-        return out[key].flatten(1)
-    raise TypeError(f"the model's forward returned {type(out).__name__}, expected a tensor or a dict")
-
-
 def _full(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32 when AMP made it half precision, else unchanged (float64 checks stay exact)."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
@@ -369,6 +357,10 @@ def _teacher(path: str, device: torch.device) -> nn.Module:
     return load_checkpoint(stem).to(device).eval().requires_grad_(False)
 
 
+NO_TEACHER = ("selfmeta step: consistency_weight > 0 needs a frozen clean teacher: set train.step_params.teacher="
+              "RUN_DIR or adv.source_run=RUN_DIR (a trained baseline), or consistency_weight=0")
+
+
 class SelfMetaTrainStep:
     """The ``selfmeta`` training step: a :class:`SelfMetaStep` on the trainer's bare model and optimizer (built at
     the first call), driven by ``trainer.step_generator("selfmeta")`` and the batch's dataset indices."""
@@ -376,7 +368,6 @@ class SelfMetaTrainStep:
     def __init__(self, config: SelfMetaStepConfig, seed: int, teacher: str | None) -> None:
         self.config, self.seed, self.teacher_path = config, int(seed), teacher
         self.meta: _SelfMetaWithClean | None = None
-        self.last: SelfMetaResult | None = None
 
     def build_meta(self, trainer: Any) -> _SelfMetaWithClean:
         """The meta step on ``trainer.model`` / ``trainer.optimizer`` (teacher loaded when consistency is on)."""
@@ -387,9 +378,7 @@ class SelfMetaTrainStep:
         teacher = None
         if c.consistency_weight > 0:
             if self.teacher_path is None:
-                raise ValueError("selfmeta step: consistency_weight > 0 needs a frozen clean teacher: set "
-                                 "train.step_params.teacher=RUN_DIR or adv.source_run=RUN_DIR (a trained baseline), "
-                                 "or consistency_weight=0")
+                raise ValueError(NO_TEACHER)
             teacher = _teacher(self.teacher_path, trainer.device)
         return _SelfMetaWithClean(trainer.model, trainer.optimizer, c.meta_config(self.seed), loss=fnes_loss(c),
                                   teacher=teacher, criterion=trainer.criterion, clean_weight=c.clean_weight)
@@ -400,7 +389,6 @@ class SelfMetaTrainStep:
                 self.meta = self.build_meta(trainer)
         b = trainer.batch
         res = self.meta(b.images, b.pids, index=b.index, generator=trainer.step_generator("selfmeta"))
-        self.last = res
         p = dict(res.parts)
         p.update(triplet=p.get("train/triplet", 0.0), ce=p.get("train/clean/ce", 0.0), acc=p.get("train/acc", 0.0))
         return p
@@ -413,9 +401,7 @@ def build_selfmeta_step(cfg: dict, **params: Any) -> SelfMetaTrainStep:
     teacher = c.teacher if c.teacher is not None else (cfg.get("adv") or {}).get("source_run")
     if c.consistency_weight > 0 and cfg["data"].get("root") is not None:  # a real run (not a config check)
         if teacher is None:
-            raise ValueError("selfmeta step: consistency_weight > 0 needs a frozen clean teacher: set "
-                             "train.step_params.teacher=RUN_DIR or adv.source_run=RUN_DIR (a trained baseline), "
-                             "or consistency_weight=0")
+            raise ValueError(NO_TEACHER)
         p = Path(str(teacher)).expanduser()
         if not (p.is_dir() or p.with_name(p.name + ".json").is_file()):
             raise ValueError(f"selfmeta step: teacher {str(teacher)!r} is neither a run directory nor a checkpoint")
