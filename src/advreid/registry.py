@@ -63,11 +63,6 @@ class Preset:
             raise RegistryError(f"{kind} preset {name!r}: {getattr(builder, '__name__', builder)} has no "
                                 f"parameter(s) {bad}")
 
-    @property
-    def cls(self) -> Callable[..., Any]:
-        """The builder (a class for most presets)."""
-        return self.builder
-
     def allowed(self) -> set[str]:
         """The parameter names this preset accepts."""
         return set(self._allowed)

@@ -24,11 +24,11 @@ from torch import nn
 
 from advreid.attacks.base import Attack, AttackInputs, register_attack
 from advreid.attacks.guides import Guides
+from advreid.models import IMAGENET_STD
 from advreid.ops import per_sample_rand
 
 EPS_SPACES = ("pixel", "normalized")
 MODEL_MODES = ("train", "eval")
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -102,7 +102,7 @@ def model_std(model: nn.Module) -> tuple[float, float, float]:
     std = getattr(model, "std", None)
     if isinstance(std, torch.Tensor) and std.numel() == 3:
         return tuple(float(v) for v in std.flatten().tolist())  # type: ignore[return-value]
-    return _IMAGENET_STD
+    return IMAGENET_STD
 
 
 class GOAT(Attack):

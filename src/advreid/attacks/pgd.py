@@ -17,7 +17,7 @@ from torch import nn
 
 from advreid.attacks.base import ATTACKS, Attack, AttackInputs
 from advreid.attacks.metric_fgsm import MetricIFGSM
-from advreid.ops import parse_eps, parse_number, per_sample_rand
+from advreid.ops import parse_number, per_sample_rand
 from advreid.registry import param_names
 
 OBJECTIVES = ("self_shift", "guided")
@@ -32,6 +32,11 @@ class _Restarts:
     """Random restarts keeping each sample's best run (for the PGD classes; needs ``random_start``)."""
 
     restarts: int = 1
+
+    def __init__(self, model: nn.Module, *args: Any, restarts: int = 1, random_start: bool = True,
+                 **kwargs: Any) -> None:
+        super().__init__(model, *args, random_start=random_start, **kwargs)  # type: ignore[call-arg]
+        self._set_restarts(restarts)
 
     def _set_restarts(self, restarts: int) -> None:
         if isinstance(restarts, bool) or int(restarts) != restarts or restarts < 1:
@@ -91,14 +96,6 @@ class FeaturePGD(_Restarts, Attack):
     name = "pgd"
     norm = "linf"
 
-    def __init__(self, model: nn.Module, *args: Any, restarts: int = 1, random_start: bool = True,
-                 **kwargs: Any) -> None:
-        super().__init__(model, *args, random_start=random_start, **kwargs)
-        self._set_restarts(restarts)
-
-    def _parse_budget(self, value: float | str, name: str) -> float:
-        return parse_eps(value, name)
-
     def _extra_params(self) -> dict[str, Any]:
         return {"objective": "self_shift", "norm": self.norm, "restarts": self.restarts}
 
@@ -114,11 +111,6 @@ class GuidedPGD(_Restarts, MetricIFGSM):
 
     name = "pgd"
     norm = "linf"
-
-    def __init__(self, model: nn.Module, *args: Any, restarts: int = 1, random_start: bool = True,
-                 **kwargs: Any) -> None:
-        super().__init__(model, *args, random_start=random_start, **kwargs)
-        self._set_restarts(restarts)
 
     def _extra_params(self) -> dict[str, Any]:
         return {**super()._extra_params(), "objective": "guided", "norm": self.norm, "restarts": self.restarts}

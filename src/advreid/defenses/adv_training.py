@@ -1,8 +1,9 @@
 """Adversarial-training baselines: online GOAT (Bouniot et al.) and offline AT (Bai et al., as the seed uses it).
 
-* :class:`GOATAdversary` replaces every training batch by adversarial versions made by the *current* model
-  (spec 3.9): L-inf PGD maximising ``sum_k d(f(x'), g_k) - sum_q d(f(x'), p_q)`` with ``d`` the squared L2 distance
-  (MSE-sum) between raw embeddings. The trainer uses it when ``adv.method=goat``.
+* GOAT (:class:`advreid.attacks.goat.GOAT`, applied by :class:`advreid.defenses.hooks.AdversarialBatchHook`)
+  replaces every training batch by adversarial versions made by the *current* model (spec 3.9): L-inf PGD
+  maximising ``sum_k d(f(x'), g_k) - sum_q d(f(x'), p_q)`` with ``d`` the squared L2 distance (MSE-sum) between
+  raw embeddings. The trainer uses it when ``adv.method=goat``.
 * :func:`prepare_offline_adv` attacks every training image once with a frozen source model (spec 3.8), saves the
   adversarial images losslessly under ``RUN_DIR/adv_train/<attack>/`` with a ``manifest.json``, and returns them as
   extra :class:`~advreid.data.Record` s of the same identities. The trainer uses it when ``adv.method=offline``.
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from advreid.attacks.goat import EPS_SPACES, MODEL_MODES
 from advreid.config import ConfigError
 from advreid.data import ImageDataset, Record, build_transforms
 from advreid.ops import parse_eps
@@ -37,15 +39,13 @@ __all__ = [
 ]
 
 ADV_METHODS = ("goat", "offline")
-EPS_SPACES = ("pixel", "normalized")
-ATTACK_MODES = ("train", "eval")
+ATTACK_MODES = MODEL_MODES  # GOAT's model mode during the attack
 MIXES = ("union", "replace")
 GUIDE_MODES = ("pool", "batch")  # GOAT's pushing guides: training-set draws (reference) or same-identity batch-mates
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "advreid-offline-at/1"
 DEFAULT_EPS = "5px"
 DEFAULT_ALPHA = "1px"
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ------------------------------------------------------------------------------------------------- config

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advreid.ops import per_sample_rand, reencode
 from advreid.ops import quantize as quantize_8bit
-from advreid.ops import reencode
 from advreid.registry import Preset, Registry
 
 Size = tuple[int, int]
@@ -89,8 +89,7 @@ class Preprocess(nn.Module):
         if self.streams is not None:
             if len(self.streams) != n:
                 raise ValueError(f"{type(self).__name__}: {len(self.streams)} random streams for {n} images")
-            return torch.stack([torch.rand(k, generator=g, dtype=torch.float64) for g in self.streams]) if n else \
-                torch.empty(0, k, dtype=torch.float64)
+            return per_sample_rand(self.streams, (k,), dtype=torch.float64)
         return torch.rand((n, k), generator=self.generator, dtype=torch.float64)
 
     def params(self) -> dict[str, Any]:

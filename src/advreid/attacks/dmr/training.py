@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 
 from advreid.attacks.dmr.losses import LossWeights, generator_total, least_likely_ce, lsgan_loss, misranking_loss
 from advreid.attacks.dmr.msssim import auto_win_size, msssim, ssim
-from advreid.attacks.dmr.networks import Discriminator, DMRNets, Generator, apply_delta
+from advreid.attacks.dmr.networks import Discriminator, DMRNets, Generator
 from advreid.config import ConfigError, dump_config, load_config, preset_dir
 from advreid.data import ImageDataset, PKSampler, Record, build_dataset, build_transforms
 from advreid.models import (
@@ -277,9 +277,7 @@ class DMRTrainer:
     def step(self, x: torch.Tensor, pids: torch.Tensor) -> dict[str, float]:
         """One generator step then one discriminator step on the batch ``x`` (B,3,H,W) with labels ``pids``."""
         nets, disc, lc = self.nets, self.nets.discriminator, self.cfg["loss"]
-        delta = nets.candidate(x, self.eps)
-        mask = disc.mask(x, apply_delta(x, delta, self.eps).detach())
-        x_adv = apply_delta(x, delta, self.eps, mask)
+        x_adv = nets.perturb(x, self.eps)
         half = x.shape[0] // 2
         loss_d = (lsgan_loss(disc(torch.cat([x, x_adv.detach()], 1)), 0.0)
                   + lsgan_loss(disc(torch.cat([x[:half], x[half:2 * half]], 1)), 1.0)) / 2
