@@ -615,7 +615,15 @@ def _ranklist(doc: dict, out: Path, spec: dict) -> Path:
     qi, topk = int(spec.get("query", 0)), int(spec.get("topk", 10))
     cfg = doc["config"]
     index = {tuple(c["cell"].values()): c for c in doc["cells"]}
-    rows = []
+    rows: list[dict] = []
+    features: dict[str, dict] = {}  # per cell key: rows sharing a clean cell read its features once
+    datasets: dict[tuple[str, str], Any] = {}
+
+    def cell_features(key: str) -> dict:
+        if key not in features:
+            features[key] = load_file(str(out / "cells" / f"{key}.features.safetensors"))
+        return features[key]
+
     for r in spec["rows"]:
         m, f, a = r["model"], r.get("defense", "none"), r.get("attack")
         d = r.get("dataset") or cfg["models"][m].get("train_on") or next(iter(cfg["datasets"]))
@@ -623,8 +631,9 @@ def _ranklist(doc: dict, out: Path, spec: dict) -> Path:
         clean = index.get((m, d, f, clean_key, "clean"))
         if clean is None:
             raise ConfigError(f"ranklist row {r}: the grid has no clean cell ({m}, {d}, {f}) to rank against")
-        cf = load_file(str(out / "cells" / f"{clean['key']}.features.safetensors"))
-        ds = build_dataset(clean["dataset"]["name"], clean["dataset"]["root"])
+        cf = cell_features(clean["key"])
+        dkey = (clean["dataset"]["name"], clean["dataset"]["root"])
+        ds = datasets[dkey] = datasets.get(dkey) or build_dataset(*dkey)
         if not 0 <= qi < len(ds.query):
             raise ValueError(f"ranklist.query={qi}: the {d} query set has {len(ds.query)} images")
         qpos = (cf["query_index"] == qi).nonzero().flatten()
@@ -634,7 +643,7 @@ def _ranklist(doc: dict, out: Path, spec: dict) -> Path:
             cell = index.get((m, d, f, a, threat))
             if cell is None:
                 raise ConfigError(f"ranklist row {r}: cell ({m}, {d}, {f}, {a}, {threat}) is not in the grid")
-            af = load_file(str(out / "cells" / f"{cell['key']}.features.safetensors"))
+            af = cell_features(cell["key"])
             qf = af["query_features"][(af["query_index"] == qi).nonzero().flatten()]
             q_img = str(out / "cells" / cell["key"] / "adv" / f"{qi:06d}.png")
         proto = clean["protocol"]

@@ -497,14 +497,17 @@ class _Bench:
         return chosen, worst
 
     # -------------------------------------------------------------------------------------- rank lists
-    def distances(self, c: dict, qf: np.ndarray, gf: np.ndarray) -> np.ndarray:
+    def distances(self, c: dict, qf: np.ndarray, clean: dict) -> np.ndarray:
+        """Distances (float64) of one query feature of cell ``c`` to the gallery of its clean cell ``clean``."""
         import torch
 
         from advreid.evaluation.distance import compute_distance_matrix
 
+        key = ("gallery64", clean["key"])  # converted once per gallery, not once per rank-list row
+        if key not in self._cache:
+            self._cache[key] = torch.from_numpy(np.asarray(self.features(clean)["gallery_features"], np.float64))
         metric = (c.get("protocol") or {}).get("metric", "cosine")
-        return compute_distance_matrix(torch.from_numpy(np.asarray(qf, np.float64)[None]),
-                                       torch.from_numpy(np.asarray(gf, np.float64)), metric,
+        return compute_distance_matrix(torch.from_numpy(np.asarray(qf, np.float64)[None]), self._cache[key], metric,
                                        dtype=torch.float64)[0].numpy()
 
     def rank_row(self, c: dict, q: int) -> dict:
@@ -522,7 +525,7 @@ class _Bench:
             rec["note"] = f"query {q} is not in this cell's evaluated subset"
             return rec
         p = int(pos[0])
-        d = self.distances(c, af["query_features"][p], cf["gallery_features"])
+        d = self.distances(c, af["query_features"][p], clean)
         top = ranked_gallery(d, int(af["query_pids"][p]), int(af["query_camids"][p]), cf["gallery_pids"],
                              cf["gallery_camids"], topk=topk)
         rec["gallery"] = [{"index": int(cf["gallery_index"][t["position"]]), "rank": t["rank"], "match": t["match"],
