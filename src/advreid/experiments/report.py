@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +60,13 @@ def detect_kind(folder: str | os.PathLike) -> str:
 
 
 def build_report(folder: str | os.PathLike, out: str | os.PathLike | None = None, *, gradcam: bool = True,
-                 device: str = "cpu", tables: list[dict] | Callable[[dict], list[dict]] | None = None) -> Path:
+                 device: str = "cpu") -> Path:
     """Write the report of ``folder`` (bench, attack result or training run) to ``out`` (default
     ``folder/report.html``; figures in ``figures/`` beside it) and return its path.
 
     ``gradcam=False`` skips the Grad-CAM section (the only part that loads models); ``device`` runs it ("auto":
-    CUDA when available). ``tables``:
-    the bench's result tables (dicts with name/title/protocol/header/rows) or a function building them from the
-    results document; default: those stored in ``results.json``, else :func:`advreid.reporting.bench_tables.
-    build_tables`.
+    CUDA when available). A bench's tables are those stored in ``results.json`` with their rows, else
+    :func:`advreid.reporting.bench_tables.build_tables` of its cells.
     """
     folder = Path(folder)
     kind = detect_kind(folder)
@@ -80,7 +77,7 @@ def build_report(folder: str | os.PathLike, out: str | os.PathLike | None = None
         from advreid.utils.misc import get_device
 
         dev = str(get_device(device)) if gradcam else "cpu"
-        report = _Bench(folder, out.parent / "figures", gradcam=gradcam, device=dev).report(tables)
+        report = _Bench(folder, out.parent / "figures", gradcam=gradcam, device=dev).report()
     elif kind == "attack":
         report = _attack_report(folder)
     else:
@@ -345,14 +342,14 @@ class _Bench:
         return None if x is None else x.permute(1, 2, 0).numpy()
 
     # ------------------------------------------------------------------------------------------ report
-    def report(self, tables: list[dict] | Callable[[dict], list[dict]] | None) -> ReportData:
+    def report(self) -> ReportData:
         rep = self.rep
         o = self.opts
         rep.notes.append(f"{len(self.cells)} cells" + ("" if self.doc.get("complete", True) else
                                                        " (the bench is not complete: missing cells are absent)") +
                          f"; report options: queries {o['queries'] or 'the first 3 valid'}, {o['worst']} worst, "
                          f"{o['tsne_ids']} t-SNE identities, top-{o['topk']} rank lists.")
-        self.add_tables(tables)
+        self.add_tables()
         self.add_curves()
         self.add_training()
         if not self.cells:
@@ -371,13 +368,10 @@ class _Bench:
             rep.add_unavailable("gradcam", "disabled (gradcam=False / --no-gradcam)")
         return rep
 
-    def add_tables(self, tables: list[dict] | Callable[[dict], list[dict]] | None) -> None:
-        if callable(tables):
-            tables = tables(self.doc)
-        if tables is None:
-            stored = self.doc.get("tables")
-            tables = stored if isinstance(stored, list) and all(
-                isinstance(t, dict) and {"header", "rows"} <= set(t) for t in stored) else None
+    def add_tables(self) -> None:
+        stored = self.doc.get("tables")
+        tables = stored if isinstance(stored, list) and all(
+            isinstance(t, dict) and {"header", "rows"} <= set(t) for t in stored) else None
         if tables is None:
             from advreid.reporting.bench_tables import build_tables
 
