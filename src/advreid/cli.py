@@ -104,11 +104,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
 
 def _print_results(res: dict, title: str) -> None:
-    from advreid.reporting import METRIC_COLUMNS, format_table
+    from advreid.reporting import METRIC_COLUMNS, format_table, reranked
 
     rows = [{"setting": "plain", **res}]
     if "rr_rank1" in res:
-        rows.append({"setting": "re-ranked", **{k[3:]: v for k, v in res.items() if k.startswith("rr_")}})
+        rows.append({"setting": "re-ranked", **reranked(res)})
     print(title)
     print(format_table(rows, [("setting", "")] + METRIC_COLUMNS))
 
@@ -192,7 +192,7 @@ def _attack_spec(a: argparse.Namespace) -> tuple:
 def _cmd_attack(a: argparse.Namespace) -> int:
     from advreid.evaluation import RunOptions, ThreatModel
     from advreid.experiments.runs import AttackJob, run_attack
-    from advreid.reporting import METRIC_COLUMNS, format_table
+    from advreid.reporting import METRIC_COLUMNS, format_table, reranked
 
     spec, sweep = _attack_spec(a)
     threat = ThreatModel(defense="auto" if a.defense is None else a.defense, adaptive=a.adaptive,
@@ -214,13 +214,13 @@ def _cmd_attack(a: argparse.Namespace) -> int:
     runs = res["runs"]
     rows = [{"setting": "clean", "linf": "", "s_img": "", **runs[0]["clean"]}]
     if a.rerank:
-        rows.append({"setting": "clean, re-ranked", **_rr(runs[0]["clean"])})
+        rows.append({"setting": "clean, re-ranked", **reranked(runs[0]["clean"])})
     for r in runs:
         name = f"{a.attack} {r['eps_px']:.3g}px"
         rows.append({"setting": name, "linf": f"{r['linf_max_px']:.2f}", "s_img": f"{r['time_per_image_s']:.3g}",
                      **r["attacked"]})
         if a.rerank:
-            rows.append({"setting": f"{name}, re-ranked", **_rr(r["attacked"])})
+            rows.append({"setting": f"{name}, re-ranked", **reranked(r["attacked"])})
     p = res["protocol"]
     src = f", transfer from {res['source_model']['run_dir']}" if res["source_model"] else ""
     if res.get("defense"):
@@ -230,10 +230,6 @@ def _cmd_attack(a: argparse.Namespace) -> int:
     print(format_table(rows, [("setting", "")] + METRIC_COLUMNS + [("linf", "max Linf px"), ("s_img", "s/img")]))
     print(f"saved to {out / 'results.json'}" + (f"; adversarial images in {a.save_adv}" if a.save_adv else ""))
     return 0
-
-
-def _rr(res: dict) -> dict:
-    return {k[3:]: v for k, v in res.items() if k.startswith("rr_")}
 
 
 def _print_bench(doc: dict, out: Path) -> None:

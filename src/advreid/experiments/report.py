@@ -30,7 +30,7 @@ import numpy as np
 
 from advreid.reporting.html import FigureSpec, ReportData, write_report
 from advreid.reporting.selection import default_queries, ranked_gallery, valid_query_mask, worst_queries
-from advreid.reporting.tables import METRIC_COLUMNS, format_ci, protocol_line
+from advreid.reporting.tables import METRIC_COLUMNS, format_ci, protocol_line, reranked
 from advreid.utils.io import atomic_write_json
 
 __all__ = ["REPORT_DEFAULTS", "build_report", "detect_kind"]
@@ -141,13 +141,9 @@ def _attack_rows(label: str, runs: list[dict], rerank: bool) -> list[list[str]]:
         rows.append(_metrics_row(label, f"{r.get('eps_px', 0):.3g}", r.get("clean"), r.get("attacked"),
                                  f"{lin:.2f}" if isinstance(lin, int | float) else "-"))
         if rerank and "rr_rank1" in (r.get("attacked") or {}):
-            rows.append(_metrics_row(f"{label}, re-ranked", f"{r.get('eps_px', 0):.3g}", _rr(r.get("clean")),
-                                     _rr(r.get("attacked"))))
+            rows.append(_metrics_row(f"{label}, re-ranked", f"{r.get('eps_px', 0):.3g}", reranked(r.get("clean")),
+                                     reranked(r.get("attacked"))))
     return rows
-
-
-def _rr(m: dict | None) -> dict:
-    return {k[3:]: v for k, v in (m or {}).items() if k.startswith("rr_")}
 
 
 def _sweep_series(label: str, runs: list[dict]) -> dict:
@@ -204,7 +200,7 @@ def _run_report(folder: Path) -> ReportData:
         name = f"{i + 1}. {e.get('dataset', '?')}" + (f", defense {d['name']}" if isinstance(d, dict) else "")
         rows.append([f"{name} ({protocol_line(e.get('protocol'))})"] + [format_ci(e, k) for k, _ in METRIC_COLUMNS])
         if "rr_rank1" in e:
-            rows.append([f"{name}, re-ranked"] + [format_ci(_rr(e), k) for k, _ in METRIC_COLUMNS])
+            rows.append([f"{name}, re-ranked"] + [format_ci(reranked(e), k) for k, _ in METRIC_COLUMNS])
         if "cmc" in e:
             cmc.append({"label": name, "cmc": e["cmc"]})
     if rows:
@@ -387,7 +383,7 @@ class _Bench:
             else:
                 rows.append(_metrics_row(c["label"], "-", c.get("clean"), None))
                 if rr and "rr_rank1" in (c.get("clean") or {}):
-                    rows.append(_metrics_row(f"{c['label']}, re-ranked", "-", _rr(c.get("clean")), None))
+                    rows.append(_metrics_row(f"{c['label']}, re-ranked", "-", reranked(c.get("clean")), None))
             protos.append([c["key"], c["label"], self.side(c), self.threat(c), protocol_line(c.get("protocol"))])
         self.rep.tables.append({"name": "cells", "title": "Every cell: clean vs attacked (point [95% CI], %)",
                                 "protocol": "R1/mAP/mINP in %, 95% percentile-bootstrap intervals over queries; "

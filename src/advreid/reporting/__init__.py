@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from advreid.reporting.tables import METRIC_COLUMNS, format_ci, format_grid, format_table, protocol_line
+from advreid.reporting.tables import METRIC_COLUMNS, format_ci, format_grid, format_table, protocol_line, reranked
 
 _LAZY = {
     "draw_ranklist": "figures", "ranklist_figure": "figures", "perturbation_figure": "figures",
@@ -25,7 +25,7 @@ _LAZY = {
     "ranked_gallery": "selection",
 }
 
-__all__ = ["METRIC_COLUMNS", "format_ci", "format_grid", "format_table", "protocol_line", *sorted(_LAZY)]
+__all__ = ["METRIC_COLUMNS", "format_ci", "format_grid", "format_table", "protocol_line", "reranked", *sorted(_LAZY)]
 
 
 def __getattr__(name: str) -> Any:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["METRIC_COLUMNS", "format_ci", "format_grid", "format_table", "protocol_line"]
+__all__ = ["METRIC_COLUMNS", "format_ci", "format_grid", "format_table", "protocol_line", "reranked"]
 
 
 def format_grid(header: Sequence[str], rows: Sequence[Sequence[str]], *, markdown: bool = False) -> str:
@@ -77,3 +77,8 @@ def protocol_line(protocol: Mapping[str, Any] | None) -> str:
     if p.get("max_images") is not None:
         parts.append(f"attacked subset of {p['max_images']} images")
     return ", ".join(parts)
+
+
+def reranked(metrics: Mapping[str, Any] | None) -> dict:
+    """The re-ranked metrics of a result (its ``rr_`` keys, without the prefix: ``rr_mAP`` -> ``mAP``)."""
+    return {k[3:]: v for k, v in (metrics or {}).items() if k.startswith("rr_")}
