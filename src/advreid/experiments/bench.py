@@ -31,6 +31,7 @@ from advreid.experiments.grid import (
     load_bench_config,
     spec_of,
 )
+from advreid.experiments.runs import pop_per_query
 from advreid.utils.io import atomic_write_json, atomic_write_text, atomic_write_with, prepare_run_dir
 
 __all__ = ["FeatureCache", "run_bench"]
@@ -332,7 +333,7 @@ def _store(out: Path, doc: dict, arrays: dict) -> dict:
 
     doc = copy.deepcopy(doc)  # the clean rows are shared (cached) between cells: never pop from them
     key = doc["key"]
-    per_query = _pop_per_query(doc)
+    per_query = pop_per_query(doc)
     atomic_write_text(out / "cells" / f"{key}.per_query.json", json.dumps(per_query, separators=(",", ":")))
     if "features" in arrays:
         from safetensors.torch import save_file
@@ -348,18 +349,6 @@ def _store(out: Path, doc: dict, arrays: dict) -> dict:
                         fmt="png", quantize="round")
     atomic_write_json(out / "cells" / f"{key}.json", doc)
     return doc
-
-
-def _pop_per_query(doc: dict) -> dict:
-    """Move the per-query arrays out of a cell's metrics (they go to ``<key>.per_query.json``)."""
-    out: dict[str, Any] = {}
-    if "clean" in doc and isinstance(doc["clean"], dict):
-        out["clean"] = {k: doc["clean"].pop(k) for k in ("per_query", "rr_per_query") if k in doc["clean"]}
-    for r in doc.get("runs") or []:
-        out["clean"] = {k: r["clean"].pop(k) for k in ("per_query", "rr_per_query") if k in r["clean"]}
-        out.setdefault("attacked", []).append({k: r["attacked"].pop(k) for k in ("per_query", "rr_per_query")
-                                               if k in r["attacked"]})
-    return out
 
 
 def _feature_tensors(doc: dict, arrays: dict) -> dict[str, torch.Tensor]:
@@ -517,17 +506,24 @@ def _comparisons(doc: dict, out: Path) -> list[dict]:
 
     cells = {tuple(c["cell"].values()): c for c in doc["cells"]}
     out_list = []
+    read: dict[str, dict | None] = {}
+
+    def per_query(key: str) -> dict | None:  # each cell's file read once (an adaptive cell is also an "other")
+        if key not in read:
+            read[key] = _per_query(out, key)
+        return read[key]
+
     for (m, d, f, a, t), c in cells.items():
         if not c.get("runs"):
             continue
-        pq = _per_query(out, c["key"])
+        pq = per_query(c["key"])
         clean, attacked = scores(pq, "clean"), scores(pq, "attacked")
         if clean is not None and attacked is not None:
             out_list.append({"a": "clean", "b": c["key"], "what": f"clean - attacked: {m}+{f} on {d}, {c['label']}",
                              "diff": paired_difference(clean, attacked)})
         other = cells.get((m, d, f, a, "adaptive")) if t == "non_adaptive" else None
         if other is not None and attacked is not None:
-            adaptive = scores(_per_query(out, other["key"]), "attacked")
+            adaptive = scores(per_query(other["key"]), "attacked")
             if adaptive is not None:
                 out_list.append({"a": c["key"], "b": other["key"],
                                  "what": f"non-adaptive - adaptive: {m}+{f}, {a} on {d}",

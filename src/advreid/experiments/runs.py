@@ -265,15 +265,25 @@ def run_attack(job: AttackJob) -> tuple[dict, Path]:
     return doc, out
 
 
+PER_QUERY_KEYS = ("per_query", "rr_per_query")
+
+
+def pop_per_query(doc: dict) -> dict[str, Any]:
+    """Move the per-query arrays out of a result's metrics (an attack result's ``runs``, or a clean cell's
+    ``clean``) into ``{"clean": ..., "attacked": [one per eps]}``, the ``per_query.json`` side file's form."""
+    side: dict[str, Any] = {"clean": None, "attacked": []}
+    if isinstance(doc.get("clean"), dict):
+        side["clean"] = {k: doc["clean"].pop(k) for k in PER_QUERY_KEYS if k in doc["clean"]}
+    for r in doc.get("runs") or []:
+        side["clean"] = {k: r["clean"].pop(k) for k in PER_QUERY_KEYS if k in r["clean"]}
+        side["attacked"].append({k: r["attacked"].pop(k) for k in PER_QUERY_KEYS if k in r["attacked"]})
+    return side
+
+
 def _split_per_query(doc: dict, out: Path) -> dict:
     """The per-query arrays go to ``per_query.json`` beside ``results.json`` (the document keeps the scores)."""
     import copy
 
     doc = copy.deepcopy(doc)
-    side: dict[str, Any] = {"clean": None, "attacked": []}
-    for r in doc.get("runs") or []:
-        side["clean"] = {k: r["clean"].pop(k) for k in ("per_query", "rr_per_query") if k in r["clean"]}
-        side["attacked"].append({k: r["attacked"].pop(k) for k in ("per_query", "rr_per_query")
-                                 if k in r["attacked"]})
-    atomic_write_text(out / "per_query.json", json.dumps(side, separators=(",", ":")))
+    atomic_write_text(out / "per_query.json", json.dumps(pop_per_query(doc), separators=(",", ":")))
     return doc
