@@ -165,9 +165,9 @@ def _validate_grid(cfg: dict, where: str) -> None:
                 raise _err(where, f"grid[{i}].threats: {t!r}; expected {', '.join(BENCH_THREATS)}")
 
 
-def attack_spec(cfg: dict, key: str, seed: int | None = None) -> Any:
+def attack_spec(cfg: dict, key: str) -> Any:
     """The :class:`~advreid.evaluation.AttackSpec` of ``attacks.<key>`` with the bench settings (side,
-    quantisation) and seed; None for the no-attack column."""
+    quantisation) and the bench's seed; None for the no-attack column."""
     from advreid.evaluation import AttackSpec
 
     a = cfg["attacks"][key]
@@ -176,7 +176,7 @@ def attack_spec(cfg: dict, key: str, seed: int | None = None) -> Any:
     s = cfg["settings"]
     return AttackSpec(a["name"], eps=a.get("eps"), alpha=a.get("alpha"), steps=a.get("steps"),
                       params=a.get("params") or {}, side=s["side"], quantize=a.get("quantize", s["quantize"]),
-                      reencode=a.get("reencode", s["reencode"]), seed=int(cfg["seed"] if seed is None else seed))
+                      reencode=a.get("reencode", s["reencode"]), seed=int(cfg["seed"]))
 
 
 def _validate_names(cfg: dict, where: str) -> None:

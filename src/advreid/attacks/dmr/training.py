@@ -265,12 +265,14 @@ class DMRTrainer:
 
     # ------------------------------------------------------------------------------------------ training
 
-    def _loader(self, records: list[Record], train: bool, seed: int = 0) -> DataLoader:
+    def _train_loader(self, seed: int) -> DataLoader:
+        """P x K batches of the generator-training identities (augmented), workers seeded from ``seed``."""
+        s = self.cfg["sampler"]
+        return DataLoader(self.train_ds, batch_size=s["p"] * s["k"], sampler=self.sampler, drop_last=True,
+                          num_workers=self.cfg["data"]["num_workers"], generator=torch.Generator().manual_seed(seed))
+
+    def _eval_loader(self, records: list[Record]) -> DataLoader:
         d = self.cfg["data"]
-        if train:
-            s = self.cfg["sampler"]
-            return DataLoader(self.train_ds, batch_size=s["p"] * s["k"], sampler=self.sampler, drop_last=True,
-                              num_workers=d["num_workers"], generator=torch.Generator().manual_seed(seed))
         return DataLoader(ImageDataset(records, build_transforms(d["height"], d["width"], is_train=False)),
                           batch_size=self.cfg["train"]["eval_batch_size"], shuffle=False, num_workers=d["num_workers"])
 
@@ -308,7 +310,7 @@ class DMRTrainer:
         limit = self.cfg["train"]["max_iters_per_epoch"]
         sums: dict[str, float] = {}
         n = 0
-        for it, (x, pids, _, _) in enumerate(self._loader(self.split.train, True, seed)):
+        for it, (x, pids, _, _) in enumerate(self._train_loader(seed)):
             if limit is not None and it >= limit:
                 break
             for k, v in self.step(x.to(self.device), pids.to(self.device)).items():
@@ -323,7 +325,7 @@ class DMRTrainer:
     @torch.no_grad()
     def _embed(self, records: list[Record], attack: bool) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         feats, pids, cams = [], [], []
-        for x, pid, cam, _ in self._loader(records, False):
+        for x, pid, cam, _ in self._eval_loader(records):
             x = x.to(self.device)
             if attack:
                 x = self.nets.perturb(x, self.eps)
