@@ -234,6 +234,16 @@ def _class_sums(ints: np.ndarray, resamples: int, stream: np.random.SeedSequence
     return draws @ ints[:, first].T.astype(np.int64)
 
 
+def _resample(floats: np.ndarray, centre: np.ndarray, classes: np.ndarray, resamples: int, seed: int,
+              workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bootstrap draws of both kinds from one split of the seed's streams (child 0: the rank-k class counts,
+    children 1...: the float chunks), the determinism contract of this module: ``(float means (R, m), rank-k
+    rates (R, k))`` of per-query ``floats`` (m, n) and integer ``classes`` (k, n)."""
+    streams = _streams(seed, resamples)
+    fmeans = _float_means(floats, centre, resamples, streams[1:], workers)
+    return fmeans, _class_sums(classes, resamples, streams[0]) / classes.shape[1]
+
+
 def _interval(samples: np.ndarray, level: float) -> np.ndarray:
     """``(2, m)`` percentile interval of each column of ``samples``."""
     return np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=0)
@@ -262,13 +272,10 @@ def metric_intervals(
     point = pq.metrics(ks)  # raises on no valid query
     v = pq.valid
     fm = pq.first_match[v]
-    n = fm.shape[0]
-    streams = _streams(seed, resamples)
-    fmeans = _float_means(np.stack([pq.ap[v], pq.inp[v]]), np.array([point["mAP"], point["mINP"]]), resamples,
-                          streams[1:], workers)
-    counts = _class_sums(np.stack([fm < k for k in ks]).astype(np.int64), resamples, streams[0])
+    fmeans, rates = _resample(np.stack([pq.ap[v], pq.inp[v]]), np.array([point["mAP"], point["mINP"]]),
+                              np.stack([fm < k for k in ks]).astype(np.int64), resamples, seed, workers)
     f_iv = _interval(fmeans, level)
-    i_iv = _interval(counts / n, level)
+    i_iv = _interval(rates, level)
     out = {f"rank{k}_ci": [float(i_iv[0, j]), float(i_iv[1, j])] for j, k in enumerate(ks)}
     out["mAP_ci"] = [float(f_iv[0, 0]), float(f_iv[1, 0])]
     out["mINP_ci"] = [float(f_iv[0, 1]), float(f_iv[1, 1])]
@@ -306,14 +313,12 @@ def paired_difference(
     diff = {k: ma[k] - mb[k] for k in ma}
     v = pa.valid
     fa, fb = pa.first_match[v], pb.first_match[v]
-    n = fa.shape[0]
-    streams = _streams(seed, resamples)
-    fmeans = _float_means(np.stack([pa.ap[v] - pb.ap[v], pa.inp[v] - pb.inp[v]]),
-                          np.array([diff["mAP"], diff["mINP"]]), resamples, streams[1:], workers)
-    counts = _class_sums(np.stack([(fa < k).astype(np.int64) - (fb < k) for k in ks]), resamples, streams[0])
+    fmeans, rates = _resample(np.stack([pa.ap[v] - pb.ap[v], pa.inp[v] - pb.inp[v]]),
+                              np.array([diff["mAP"], diff["mINP"]]),
+                              np.stack([(fa < k).astype(np.int64) - (fb < k) for k in ks]), resamples, seed, workers)
     ivs = {"mAP": _interval(fmeans[:, 0], level), "mINP": _interval(fmeans[:, 1], level)}
     for j, k in enumerate(ks):
-        ivs[f"rank{k}"] = _interval(counts[:, j] / n, level)
+        ivs[f"rank{k}"] = _interval(rates[:, j], level)
     out = {}
     for key in [f"rank{k}" for k in ks] + ["mAP", "mINP"]:
         lo, hi = float(ivs[key][0]), float(ivs[key][1])
