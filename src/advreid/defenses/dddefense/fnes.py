@@ -64,12 +64,12 @@ def _check_feats_pids(feats: torch.Tensor, pids: torch.Tensor, what: str) -> tor
     return pids.to(feats.device).long()
 
 
-def _check_nonneg(what: str, v: Any, optional: bool = False) -> None:
+def check_nonneg(what: str, v: Any, optional: bool = False, none_text: str = " or None (soft margin)") -> None:
+    """Refuse ``v`` unless a finite number >= 0 (or None when ``optional``), naming ``what``."""
     if v is None and optional:
         return
     if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= float(v) < float("inf"):
-        raise ValueError(f"{what} must be a finite number >= 0{' or None (soft margin)' if optional else ''}, "
-                         f"got {v!r}")
+        raise ValueError(f"{what} must be a finite number >= 0{none_text if optional else ''}, got {v!r}")
 
 
 def pairwise_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -208,7 +208,7 @@ class FNESLoss(nn.Module):
                                   ("extension_margin", extension_margin, True),
                                   ("triplet_weight", triplet_weight, False),
                                   ("extension_weight", extension_weight, False)):
-            _check_nonneg(f"FNESLoss: {name}", v, optional)
+            check_nonneg(f"FNESLoss: {name}", v, optional)
         if triplet_weight == 0 and extension_weight == 0:
             raise ValueError("FNESLoss: triplet_weight and extension_weight are both 0; nothing to train")
         self.tau = float(tau)

@@ -45,7 +45,7 @@ from torch import nn
 from torch.func import functional_call
 
 from advreid.attacks import Attack, build
-from advreid.defenses.dddefense.fnes import PULL_MODES, FNESAdversary, FNESLoss
+from advreid.defenses.dddefense.fnes import PULL_MODES, FNESAdversary, FNESLoss, check_nonneg
 from advreid.ops import batch_generator
 from advreid.utils.misc import module_mode
 
@@ -136,8 +136,7 @@ def first_order_meta_step(model: nn.Module, loss_train_fn: LossFn, loss_test_fn:
     scalar loss or ``(loss, parts)``. Returns ``meta_train``, ``meta_test``, ``total`` and the parts, prefixed.
     """
     for name, v in (("inner_lr", inner_lr), ("meta_weight", meta_weight)):
-        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= float(v) < float("inf"):
-            raise ValueError(f"first_order_meta_step: {name} must be a finite number >= 0, got {v!r}")
+        check_nonneg(f"first_order_meta_step: {name}", v)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("first_order_meta_step: the model has no parameter with requires_grad=True")
@@ -196,9 +195,7 @@ class SelfMetaConfig:
 
     def __post_init__(self) -> None:
         for name in ("inner_lr", "meta_weight", "consistency_weight"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= float(v) < float("inf"):
-                raise ValueError(f"SelfMetaConfig: {name} must be a finite number >= 0, got {v!r}")
+            check_nonneg(f"SelfMetaConfig: {name}", getattr(self, name))
         if isinstance(self.split_ratio, bool) or not isinstance(self.split_ratio, int | float) \
                 or not 0 < self.split_ratio < 1:
             raise ValueError(f"SelfMetaConfig: split_ratio must be in (0, 1), got {self.split_ratio!r}")

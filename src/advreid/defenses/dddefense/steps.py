@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from advreid.attacks import ATTACKS
-from advreid.defenses.dddefense.fnes import PULL_MODES, FNESAdversary, FNESLoss
+from advreid.defenses.dddefense.fnes import PULL_MODES, FNESAdversary, FNESLoss, check_nonneg
 from advreid.defenses.dddefense.resample import MANIFEST_NAME
 from advreid.defenses.dddefense.selfmeta import CONSISTENCY, SelfMetaConfig, SelfMetaStep, retrieval_embedding
 from advreid.losses import TripletLoss
@@ -63,10 +63,7 @@ MetricLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[t
 
 # --------------------------------------------------------------------------------------------------- configs
 def _number(where: str, name: str, v: Any, *, optional: bool = False) -> None:
-    if v is None and optional:
-        return
-    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= float(v) < float("inf"):
-        raise ValueError(f"{where}: {name} must be a finite number >= 0{' or null' if optional else ''}, got {v!r}")
+    check_nonneg(f"{where}: {name}", v, optional, none_text=" or null")
 
 
 def _check_attack(where: str, name: Any, params: Any) -> None:
