@@ -117,6 +117,21 @@ def _per_query(x: Any) -> Any:
     return per_query_from_json(x) if isinstance(x, dict) else None
 
 
+# the sections drawn from a bench's stored images and features (an attack result or a run has neither)
+STORED_SECTIONS = ("ranklists", "perturbations", "tsne", "gradcam")
+
+
+def _finish(rep: ReportData, training: FigureSpec | None, no_training: str, no_store: str) -> ReportData:
+    """The tail of a non-bench report: the training figure (or why not) and the sections it cannot have."""
+    if training:
+        rep.figures.append(training)
+    else:
+        rep.add_unavailable("training", no_training)
+    for sec in STORED_SECTIONS:
+        rep.add_unavailable(sec, no_store)
+    return rep
+
+
 def _training_figure(run_dir: Any, name: str, who: str) -> FigureSpec | None:
     rows = _read_jsonl(Path(run_dir) / "metrics.jsonl") if run_dir else []
     if not any(isinstance(r.get("epoch"), int | float) for r in rows):
@@ -179,14 +194,10 @@ def _attack_report(folder: Path) -> ReportData:
             rep.figures.append(FigureSpec("curves", "cmc", "cmc", cmc, title=f"CMC: {name}",
                                           caption=f"CMC (plain distances) of {label}."))
     model = doc.get("model") or {}
-    fig = _training_figure(model.get("run_dir") if isinstance(model, dict) else None, "training", "attacked model")
-    if fig:
-        rep.figures.append(fig)
-    else:
-        rep.add_unavailable("training", "the attacked model's run folder has no metrics.jsonl")
-    for sec in ("ranklists", "perturbations", "tsne", "gradcam"):
-        rep.add_unavailable(sec, NO_STORE.format(what="an `advreid attack` result folder"))
-    return rep
+    run_dir = model.get("run_dir") if isinstance(model, dict) else None
+    return _finish(rep, _training_figure(run_dir, "training", "attacked model"),
+                   "the attacked model's run folder has no metrics.jsonl",
+                   NO_STORE.format(what="an `advreid attack` result folder"))
 
 
 def _run_report(folder: Path) -> ReportData:
@@ -213,14 +224,8 @@ def _run_report(folder: Path) -> ReportData:
                                       caption="CMC curves (plain distances) of the evaluations in results.json."))
     rep.add_unavailable("curves", "a training run has no attack: no mAP-vs-ε curve" + ("" if cmc else
                                                                                      ", and no stored CMC"))
-    fig = _training_figure(folder, "training", folder.name)
-    if fig:
-        rep.figures.append(fig)
-    else:
-        rep.add_unavailable("training", "metrics.jsonl has no epoch rows yet")
-    for sec in ("ranklists", "perturbations", "tsne", "gradcam"):
-        rep.add_unavailable(sec, NO_STORE.format(what="a training run"))
-    return rep
+    return _finish(rep, _training_figure(folder, "training", folder.name), "metrics.jsonl has no epoch rows yet",
+                   NO_STORE.format(what="a training run"))
 
 
 # ----------------------------------------------------------------------------------------------- bench
@@ -349,7 +354,7 @@ class _Bench:
         self.add_curves()
         self.add_training()
         if not self.cells:
-            for sec in ("ranklists", "perturbations", "tsne", "gradcam"):
+            for sec in STORED_SECTIONS:
                 rep.add_unavailable(sec, "results.json has no cells yet")
             return rep
         self.focus = self.cells[0]["cell"]["model"], self.cells[0]["cell"]["dataset"]
