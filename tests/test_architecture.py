@@ -12,7 +12,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "advreid"
 BASE = {"utils", "registry", "config"}
 # what each part of advreid may import (besides itself): cli -> experiments -> evaluation -> {attacks, defenses,
-# engine} -> models -> data -> {ops, registry, config, utils}; reporting reads result files only
+# engine} -> models -> data -> {ops, registry, config, utils}; robust (the versioned worst-case ensemble) sits on
+# evaluation, below experiments; reporting reads result files only
 ALLOWED: dict[str, set[str]] = {
     "utils": set(), "registry": set(), "config": {"registry"},
     "ops": {"utils"},
@@ -23,11 +24,12 @@ ALLOWED: dict[str, set[str]] = {
     "attacks": {"models", "data", "ops"} | BASE,
     "defenses": {"attacks", "engine", "models", "losses", "data", "ops"} | BASE,
     "evaluation": {"attacks", "defenses", "engine", "models", "losses", "data", "ops"} | BASE,
+    "robust": {"evaluation", "attacks", "defenses", "engine", "models", "losses", "data", "ops"} | BASE,
     "reporting": {"utils"},
-    "experiments": {"evaluation", "attacks", "defenses", "engine", "models", "losses", "data", "ops", "reporting"}
-    | BASE,
-    "cli": {"experiments", "evaluation", "attacks", "defenses", "engine", "models", "losses", "data", "ops",
-            "reporting"} | BASE,
+    "experiments": {"robust", "evaluation", "attacks", "defenses", "engine", "models", "losses", "data", "ops",
+                    "reporting"} | BASE,
+    "cli": {"experiments", "robust", "evaluation", "attacks", "defenses", "engine", "models", "losses", "data",
+            "ops", "reporting"} | BASE,
     "__init__": BASE, "__main__": {"cli"},
 }
 
