@@ -54,6 +54,6 @@ yaml.safe_dump(cfg, open(f"{out}/market_seed_synthetic.yaml", "w"), sort_keys=Fa
 PY
 timeout "$budget" "$py" -m advreid bench "$out/market_seed_synthetic.yaml" --out "$out/bench" --overwrite \
   > "$out/bench.log" 2>&1
-echo "bench exit $? after at most ${budget}s; cells finished: $(ls "$out/bench/cells" 2>/dev/null | grep -c '\.json$')"
+echo "bench exit $? after at most ${budget}s; cells finished: $(ls "$out/bench/cells" 2>/dev/null | grep '\.json$' | grep -vc '\.per_query\.json$')"
 tail -n 5 "$out/bench.log"
 step "done"
