@@ -231,7 +231,9 @@ def test_interrupt_leaves_complete_partial_results(runs, data_root, tmp_path, mo
     assert rc == 130
     res = json.loads((out / "results.json").read_text())
     assert res["complete"] is False and len(res["runs"]) == 1 and res["runs"][0]["eps_px"] == pytest.approx(2)
-    assert sorted(p.name for p in out.iterdir()) == ["per_query.json", "results.json"]  # no temp file left
+    # no temp file left; the finished batches stay under shards/ for --resume
+    assert sorted(p.name for p in out.iterdir()) == ["per_query.json", "results.json", "shards"]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
 
 
 def test_defense_non_adaptive_vs_adaptive(runs, data_root, tmp_path, capsys):

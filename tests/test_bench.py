@@ -77,13 +77,13 @@ def test_bench_resumes_without_recomputing(tiny_run, synth_root, tmp_path, monke
     cached = sorted(p.name for p in (out / "cache").rglob("*.safetensors"))
     assert len(cached) == 4  # clean query + gallery features, without and with CS
     extracted = []
-    real_extract = bench_mod_robustness.extract_features
+    real_extract = bench_mod_robustness.extract_sharded  # extract_features, split over ranks under torchrun
 
     def counting_extract(*a, **k):
         extracted.append(k.get("desc"))
         return real_extract(*a, **k)
 
-    monkeypatch.setattr(bench_mod_robustness, "extract_features", counting_extract)
+    monkeypatch.setattr(bench_mod_robustness, "extract_sharded", counting_extract)
     doc, _ = run_bench(cfg, out, resume=True, progress=False)
     assert len(calls) == 3 and not set(calls) & set(first)  # only the unfinished cells ran
     assert not [d for d in extracted if d and d.startswith("clean")]  # clean features came from the disk cache

@@ -133,6 +133,75 @@ def test_least_likely_ce_hand_computed():
         least_likely_ce(logits, torch.tensor([0, 7]))
 
 
+# Transcription of the reference's losses (whj363636/Adversarial-attack-on-Person-ReID-With-Deep-Mis-Ranking,
+# advloss.py: adv_TripletLoss with ak_type=-1, adv_CrossEntropyLabelSmooth, adv_CrossEntropyLoss), kept line for line
+# so advreid's losses can be matched to it value for value. Only the device moves (.cuda()) are dropped and the
+# deprecated ``addmm_(1, -2, a, b)`` is written with keywords; tensors created without a dtype follow torch's default
+# dtype, which the test sets to float64.
+def _ref_adv_triplet(features, pids, margin=0.3):
+    n = features.size(0)
+    dist = torch.pow(features, 2).sum(dim=1, keepdim=True).expand(n, n)
+    dist = dist + dist.t()
+    dist.addmm_(features, features.t(), beta=1, alpha=-2)
+    dist = dist.clamp(min=1e-12).sqrt()  # for numerical stability
+    mask = pids.expand(n, n).eq(pids.expand(n, n).t())
+    dist_ap, dist_an = [], []
+    for i in range(n):
+        dist_an.append(dist[i][mask[i]].min().unsqueeze(0))  # make nearest pos-pos far away
+        dist_ap.append(dist[i][mask[i] == 0].max().unsqueeze(0))  # make hardest pos-neg closer
+    dist_ap = torch.cat(dist_ap)
+    dist_an = torch.cat(dist_an)
+    y = torch.ones_like(dist_an)
+    loss = torch.nn.MarginRankingLoss(margin=margin)(dist_an, dist_ap, y)
+    return torch.log(loss)
+
+
+def _ref_adv_xent_label_smooth(logits, pids, num_classes, epsilon=0.1):
+    _, adv_target = torch.min(logits, 1)
+    log_probs = torch.nn.LogSoftmax(dim=1)(logits)
+    adv_target = torch.zeros(log_probs.size()).scatter_(1, adv_target.unsqueeze(1).data.cpu(), 1)
+    smooth = torch.ones(log_probs.size()) / (num_classes - 1)
+    smooth[:, pids.data.cpu()] = 0  # Pytorch1.0
+    adv_target = (1 - epsilon) * adv_target + epsilon * smooth
+    loss = (- adv_target * log_probs).mean(0).sum()
+    return torch.log(loss)
+
+
+def _ref_adv_xent(logits, pids):
+    _, adv_target = torch.min(logits, 1)
+    loss = torch.nn.CrossEntropyLoss()(logits, adv_target)
+    return torch.log(loss)
+
+
+def test_losses_match_the_reference_value_for_value():
+    """One fixed P x K batch (float64): the mis-ranking loss with ``self_positive=True`` and the least-likely CE equal
+    the reference's values and gradients; the default (anchor not its own positive) is a different, smaller loss."""
+    gen = torch.Generator().manual_seed(20200614)
+    feats = torch.randn(8, 16, generator=gen, dtype=torch.float64) * 3
+    logits = torch.randn(8, 12, generator=gen, dtype=torch.float64) * 4
+    pids = torch.tensor([3, 3, 7, 7, 0, 0, 11, 11])  # P=4 identities x K=2, training labels of 12 classes
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for margin in (0.3, 5.0):
+            f1, f2 = feats.clone().requires_grad_(True), feats.clone().requires_grad_(True)
+            ref, ours = _ref_adv_triplet(f1, pids, margin), misranking_loss(f2, pids, margin, self_positive=True)
+            ref.backward()
+            ours.backward()
+            assert abs(ours.item() - ref.item()) < 1e-10 and torch.allclose(f1.grad, f2.grad, rtol=0, atol=1e-10)
+            assert misranking_loss(feats, pids, margin).item() < ref.item() - 0.05  # the anchor's own 0 is no positive
+        for smoothing in (0.1, 0.0, 0.5):
+            l1, l2 = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+            ref = _ref_adv_xent_label_smooth(l1, pids, 12, smoothing)
+            ours = least_likely_ce(l2, pids, smoothing)
+            ref.backward()
+            ours.backward()
+            assert abs(ours.item() - ref.item()) < 1e-10 and torch.allclose(l1.grad, l2.grad, rtol=0, atol=1e-10)
+        assert abs(least_likely_ce(logits, pids, 0.0).item() - _ref_adv_xent(logits, pids).item()) < 1e-10
+    finally:
+        torch.set_default_dtype(old)
+
+
 # ---------------------------------------------------------------------------------------------- mask head
 
 
@@ -271,15 +340,47 @@ def test_attack_is_per_sample_independent_and_bounded():
 def test_config_presets_and_errors():
     tiny, market = load_dmr_config("dmr_tiny"), load_dmr_config("dmr_market")
     assert tiny["generator"]["ngf"] == 8 and tiny["device"] == "cpu" and tiny["perturb"]["eps"] == px(16)
+    assert tiny["train"]["epochs"] == 6 and tiny["data"]["train_scale"] == 0.5 and market["data"]["train_scale"] == 1
     assert market["generator"]["ngf"] == 32 and market["train"]["epochs"] == 50
     assert market["sampler"]["p"] * market["sampler"]["k"] == 32 and market["sampler"]["k"] == 4
     assert (market["data"]["height"], market["data"]["width"]) == (256, 128)
     with pytest.raises(ConfigError, match="did you mean"):
         load_dmr_config("dmr_tiny", ["generator.ngff=4"])
     with pytest.raises(ConfigError, match="too small"):
-        load_dmr_config("dmr_tiny", ["loss.ssim_levels=5"])
+        load_dmr_config("dmr_tiny", ["data.height=64", "data.width=32", "loss.ssim_levels=5"])
     with pytest.raises(ConfigError, match="patch"):
         load_dmr_config("dmr_tiny", ["discriminator.type=patch", "discriminator.temperature=10"])
+
+
+def test_training_size_follows_the_victim_unless_set():
+    """dmr_tiny leaves data.height/width null: the victim checkpoint's input_size fills them; explicit sizes stay."""
+    from types import SimpleNamespace
+
+    from advreid.attacks.dmr.training import resolve_input_size, train_size
+
+    victim = SimpleNamespace(checkpoint_meta={"meta": {"input_size": [128, 64]}})
+    cfg = load_dmr_config("dmr_tiny")
+    assert (cfg["data"]["height"], cfg["data"]["width"]) == (None, None)
+    resolve_input_size(cfg, victim)
+    assert (cfg["data"]["height"], cfg["data"]["width"]) == (128, 64) and train_size(cfg) == (64, 32)
+    cfg = load_dmr_config("dmr_tiny", ["data.train_scale=1"])
+    resolve_input_size(cfg, victim)
+    assert train_size(cfg) == (128, 64)
+    cfg = load_dmr_config("dmr_tiny", ["data.height=96"])
+    resolve_input_size(cfg, victim)
+    assert (cfg["data"]["height"], cfg["data"]["width"]) == (96, 64)
+    cfg = load_dmr_config("dmr_tiny", ["data.height=64", "data.width=32"])
+    resolve_input_size(cfg, SimpleNamespace(checkpoint_meta={}))  # both set: the victim is not asked
+    assert (cfg["data"]["height"], cfg["data"]["width"]) == (64, 32)
+    with pytest.raises(ValueError, match="no input_size; set data.height and data.width"):
+        resolve_input_size(load_dmr_config("dmr_tiny"), SimpleNamespace(checkpoint_meta={"meta": {}}))
+    with pytest.raises(ConfigError, match="ssim_levels=4 at the training size 32x16"):
+        resolve_input_size(load_dmr_config("dmr_tiny", ["loss.ssim_levels=4"]),
+                           SimpleNamespace(checkpoint_meta={"meta": {"input_size": [64, 32]}}))
+    with pytest.raises(ConfigError, match="data.width"):
+        load_dmr_config("dmr_tiny", ["data.width=0"])
+    with pytest.raises(ConfigError, match="data.train_scale"):
+        load_dmr_config("dmr_tiny", ["data.train_scale=1.5"])
 
 
 # -------------------------------------------------------------------------------------------- end to end
@@ -295,7 +396,7 @@ def victim_run(synth_root, tmp_path_factory):
 
 
 def test_train_resume_and_validation_choice(synth_root, victim_run, tmp_path):
-    ov = ["train.progress=false"]
+    ov = ["train.progress=false", "train.epochs=2"]  # dmr_tiny's 6 epochs are for real victims; 2 keep this short
     a = train_dmr(victim_run, synth_root, tmp_path / "a", config="dmr_tiny", overrides=ov)
     with pytest.raises(FileExistsError):
         train_dmr(victim_run, synth_root, tmp_path / "a", config="dmr_tiny", overrides=ov)
@@ -305,6 +406,8 @@ def test_train_resume_and_validation_choice(synth_root, victim_run, tmp_path):
     assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)  # bit-identical resume
 
     res = json.loads((a / "results.json").read_text())
+    saved = load_dmr_config(a / "config.yaml")["data"]  # validated at the victim's input size, trained at half of it
+    assert (saved["height"], saved["width"], saved["train_scale"]) == (64, 32, 0.5)
     hist = [h["val_mAP"] for h in res["history"]]
     assert [h["epoch"] for h in res["history"]] == [1, 2]
     assert res["best"]["epoch"] == 1 + int(np.argmin(hist)) and res["best"]["val_mAP"] == min(hist)

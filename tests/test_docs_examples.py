@@ -18,7 +18,7 @@ def _blocks() -> list[str]:
 
 def test_the_docs_have_the_three_examples() -> None:
     blocks = _blocks()
-    assert len(blocks) == 3
+    assert len(blocks) >= 3  # later sections (a new model kind) are run by their own tests
     assert 15 <= len(blocks[0].strip().splitlines()) <= 25  # the hook example stays about 20 lines
 
 

@@ -114,18 +114,22 @@ def _print_results(res: dict, title: str) -> None:
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from advreid.experiments.runs import EvalJob, run_eval
+    from advreid.experiments.runs import EvalJob, eval_results_path, run_eval
 
-    job = EvalJob(Path(a.run_dir), a.data, a.dataset, rerank=a.rerank, flip=a.flip, metric=a.metric, ap=a.ap,
+    job = EvalJob(model_source(a), a.data, a.dataset, rerank=a.rerank, flip=a.flip, metric=a.metric, ap=a.ap,
                   checkpoint=a.checkpoint, defense="auto" if a.defense is None else a.defense, device=a.device,
-                  num_workers=a.num_workers if a.num_workers is not None else 2, skip_bad_images=a.skip_bad_images)
+                  num_workers=a.num_workers if a.num_workers is not None else 2, skip_bad_images=a.skip_bad_images,
+                  card=model_card_from_args(a), out=a.out)
+    saved = eval_results_path(job)  # a spec without --out fails here, before anything loads
     res = run_eval(job)
+    if not res:  # another rank of a sharded run (torchrun): rank 0 prints
+        return 0
     _print_skipped(res.get("skipped_images"))
     p = res["protocol"]
     _print_results(res, f"{res['dataset']} ({p['num_query']} query / {p['num_gallery']} gallery), "
                         f"metric {p['metric']}, flip {p['flip']}, AP {p['ap']}, trained on {res['trained_on']}"
                         + (f", defense {res['defense']['name']}" if res["defense"] else ""))
-    print(f"saved to {Path(a.run_dir) / 'results.json'}")
+    print(f"saved to {saved}")
     return 0
 
 
@@ -197,11 +201,14 @@ def _cmd_attack(a: argparse.Namespace) -> int:
     spec, sweep = _attack_spec(a)
     threat = ThreatModel(defense="auto" if a.defense is None else a.defense, adaptive=a.adaptive,
                          eot_samples=a.eot)
-    job = AttackJob(Path(a.run_dir), a.data, spec, threat, sweep=sweep, dataset=a.dataset,
+    source = model_source(a)
+    if isinstance(source, str) and a.out is None:
+        raise ValueError(f"{source} is a model spec, not a run folder: give --out DIR for the attack's results")
+    job = AttackJob(source, a.data, spec, threat, sweep=sweep, dataset=a.dataset, card=model_card_from_args(a),
                     source_run=a.source_model, rerank=a.rerank, max_images=a.max_images, seed_compat=a.seed_compat,
                     save_adv=a.save_adv, out=a.out, overwrite=a.overwrite, skip_bad_images=a.skip_bad_images,
-                    options=RunOptions(batch_size=a.batch_size, device=a.device, num_workers=a.num_workers,
-                                       progress=True))
+                    resume=a.resume, options=RunOptions(batch_size=a.batch_size, device=a.device,
+                                                        num_workers=a.num_workers, progress=True))
     try:
         res, out = run_attack(job)
     except ValueError as e:
@@ -210,6 +217,8 @@ def _cmd_attack(a: argparse.Namespace) -> int:
             raise ValueError("--adaptive attacks through the run's passive defense, but there is none (the run's "
                              "config has no defense.passive): pass --defense NAME (e.g. cs)") from None
         raise
+    if not res:  # another rank of a sharded run (torchrun): rank 0 prints
+        return 0
     _print_skipped(res.get("skipped_images"))
     runs = res["runs"]
     rows = [{"setting": "clean", "linf": "", "s_img": "", **runs[0]["clean"]}]
@@ -222,7 +231,8 @@ def _cmd_attack(a: argparse.Namespace) -> int:
         if a.rerank:
             rows.append({"setting": f"{name}, re-ranked", **reranked(r["attacked"])})
     p = res["protocol"]
-    src = f", transfer from {res['source_model']['run_dir']}" if res["source_model"] else ""
+    src = f", transfer from {res['source_model']['run_dir'] or res['source_model']['spec']}" if res["source_model"] \
+        else ""
     if res.get("defense"):
         src += f", defense {res['defense']['name']} ({res['threat'].replace('_', '-')} attacker)"
     print(f"{res['attack']['label']} on the {res['side']} set of {res['dataset']['name']} ({p['num_query']} query / "
@@ -255,7 +265,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"--seeds {a.seeds!r}: expected a comma-separated list of integers, e.g. 0,1,2") from None
     doc, out = run_bench(config, a.out, overrides=overrides, resume=a.resume, overwrite=a.overwrite,
-                         tables_only=a.tables_only, seeds=seeds)
+                         tables_only=a.tables_only, seeds=seeds, executor=_executor_of(a))
     _print_bench(doc, out)
     if not doc["complete"]:
         print("advreid: warning: some cells are missing (see the tables' '-' entries)", file=sys.stderr)
@@ -379,8 +389,10 @@ def _add_train(sub: Any) -> None:
 
 def _add_eval(sub: Any) -> None:
     """``advreid eval``."""
-    e = sub.add_parser("eval", help="evaluate a trained run on a dataset (also cross-domain)")
-    e.add_argument("run_dir")
+    e = sub.add_parser("eval", help="evaluate a trained run or any model (--model SPEC) on a dataset (also "
+                       "cross-domain)")
+    e.add_argument("run_dir", nargs="?", default=None, metavar="RUN_DIR",
+                   help="run directory (or a model spec; see --model)")
     e.add_argument("--data", required=True, help="dataset root")
     e.add_argument("--dataset", default=None, help="parser name (default: the one the run was trained on)")
     e.add_argument("--rerank", action="store_true", help="also report k-reciprocal re-ranking (k1=20,k2=6,l=0.3)")
@@ -393,6 +405,9 @@ def _add_eval(sub: Any) -> None:
                    help="passive defense on every test image (default: the run's defense.passive; none: bare model)")
     e.add_argument("--device", default=None)
     e.add_argument("--num-workers", type=int, default=None)
+    e.add_argument("--out", default=None, metavar="DIR",
+                   help="folder of results.json (default: RUN_DIR; required with --model)")
+    add_model_flags(e)
     _add_skip_bad_images(e)
     e.set_defaults(func=_cmd_eval)
 
@@ -404,7 +419,9 @@ def _add_attack(sub: Any) -> None:
         description="Perturb the query set (default; gallery stays clean) or the gallery set (--side gallery, "
         "guided by the queries as in Bai et al.) with an attack and report clean and attacked rank-k/mAP. "
         "Budgets in pixel units (5px = 5/255) or as fractions of the [0,1] range (0.0196).")
-    k.add_argument("run_dir", help="run directory of the model evaluated (and attacked, unless --source-model)")
+    k.add_argument("run_dir", nargs="?", default=None, metavar="RUN_DIR",
+                   help="run directory of the model evaluated (and attacked, unless --source-model), or a model "
+                   "spec (see --model)")
     k.add_argument("--data", required=True, help="dataset root")
     k.add_argument("--attack", required=True, help="attack name (fgsm, ifgsm, mifgsm, sma, fna, odfa, lta, noise ...)")
     k.add_argument("--eps", default=None, help="L-inf budget: 5px, 5/255 or 0.0196 (default 5px)")
@@ -428,8 +445,9 @@ def _add_attack(sub: Any) -> None:
     k.add_argument("--save-adv", default=None, metavar="DIR",
                    help="write the adversarial images under their original file stems (PNG, or JPEG with "
                    "--reencode jpeg:Q / --seed-compat); one sub-folder per eps in a sweep")
-    k.add_argument("--source-model", default=None, metavar="RUN_A",
-                   help="black-box transfer: craft the images on RUN_A's model (and its guides), evaluate RUN_DIR")
+    k.add_argument("--source-model", default=None, metavar="RUN_A|SPEC",
+                   help="black-box transfer: craft the images on RUN_A's model (and its guides), evaluate RUN_DIR; "
+                   "a model spec is loaded with the card beside its weights (<weights>.yaml)")
     k.add_argument("--defense", default=None, metavar="NAME|none",
                    help="passive defense applied to every test image (cs, p1p2p1, rrp, jpeg, bitdepth ...; default: "
                    "the run's defense.passive, e.g. cs for the JAD recipe; none: the bare model)")
@@ -448,6 +466,10 @@ def _add_attack(sub: Any) -> None:
     k.add_argument("--out", default=None,
                    help="result folder (default RUN_DIR/attacks/<attack>-<side>[-sweep][-from-<RUN_A>])")
     k.add_argument("--overwrite", action="store_true", help="replace an existing result folder (kept as .old-N)")
+    add_model_flags(k)
+    k.add_argument("--resume", action="store_true",
+                   help="continue a killed run in its result folder (start it when there is none): only the "
+                   "missing batches are attacked, with any number of torchrun ranks (docs/sharding.md)")
     _add_skip_bad_images(k)
     k.set_defaults(func=_cmd_attack)
 
@@ -467,8 +489,57 @@ def _add_bench(sub: Any) -> None:
     b.add_argument("--seeds", default=None, metavar="LIST",
                    help="repeat the grid per seed (training and attack randomness), e.g. 0,1,2; tables show mean +- "
                    "std across seeds (each seed under OUT/seed_<s>)")
+    _add_cluster_flags(b)
     b.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=argparse.SUPPRESS)
     b.set_defaults(func=_cmd_bench)
+
+
+_CLUSTER_FLAGS = {"submitit_cluster": "cluster", "submitit_folder": "folder", "slurm_partition": "partition",
+                  "gpus_per_job": "gpus_per_job", "timeout": "timeout_min", "cpus_per_task": "cpus_per_task",
+                  "mem_gb": "mem_gb", "cells_per_job": "cells_per_job", "array_parallelism": "array_parallelism",
+                  "max_running": "max_running", "max_tries": "max_tries"}
+
+
+def _add_cluster_flags(b: Any) -> None:
+    """``advreid bench --executor submitit`` and its job options (docs/cluster.md)."""
+    g = b.add_argument_group("where the work runs (docs/cluster.md)")
+    g.add_argument("--executor", choices=("local", "submitit"), default="local",
+                   help="local: in this process (default); submitit: every model training and the cells of each "
+                   "model as SLURM jobs (pip install 'advreid[cluster]')")
+    g.add_argument("--submitit-cluster", choices=("slurm", "local"), default=None,
+                   help="submitit's executor: slurm (default where SLURM is found), local (subprocesses here)")
+    g.add_argument("--submitit-folder", default=None, metavar="DIR",
+                   help="job scripts, pickles and logs (default OUT/submitit)")
+    g.add_argument("--slurm-partition", default=None, metavar="P", help="SLURM partition of every job")
+    g.add_argument("--gpus-per-job", type=int, default=None, metavar="G",
+                   help="GPUs of a training job, one DDP rank each (default 1); other jobs take 1 (0 with G=0)")
+    g.add_argument("--timeout", type=int, default=None, metavar="MIN", help="time limit of a job (default 240)")
+    g.add_argument("--cpus-per-task", type=int, default=None, metavar="N", help="CPUs per job or rank (default 4)")
+    g.add_argument("--mem-gb", type=float, default=None, metavar="GB", help="memory per job (default: SLURM's)")
+    g.add_argument("--cells-per-job", type=int, default=None, metavar="N",
+                   help="cells of one model and dataset per job (default 0: all of them)")
+    g.add_argument("--array-parallelism", type=int, default=None, metavar="N",
+                   help="jobs of one array running at once on SLURM")
+    g.add_argument("--max-running", type=int, default=None, metavar="N",
+                   help="jobs in flight at once (default: no limit on SLURM, CPUs/cpus-per-task locally)")
+    g.add_argument("--max-tries", type=int, default=None, metavar="N",
+                   help="submissions of a failing job before it is reported (default 3)")
+    g.add_argument("--slurm-param", action="append", default=[], metavar="KEY=VALUE",
+                   help="another SLURM parameter, e.g. account=proj, qos=high, constraint=a100 (repeatable)")
+
+
+def _executor_of(a: argparse.Namespace) -> Any:
+    """The executor the bench flags ask for (None: in this process)."""
+    from advreid.experiments.executors import SubmititOptions, make_executor, parse_slurm_params
+
+    given = {opt: getattr(a, flag) for flag, opt in _CLUSTER_FLAGS.items() if getattr(a, flag) is not None}
+    if a.executor == "local":
+        if given or a.slurm_param:
+            first = next(iter([*given, "slurm_param"]))
+            flag = next((f for f, o in _CLUSTER_FLAGS.items() if o == first), first)
+            raise ValueError(f"--{flag.replace('_', '-')} needs --executor submitit")
+        return None
+    return make_executor("submitit", SubmititOptions(**given, slurm=parse_slurm_params(a.slurm_param)))
 
 
 def _add_demo(sub: Any) -> None:
@@ -488,6 +559,95 @@ def _add_demo(sub: Any) -> None:
     m.set_defaults(func=_cmd_demo)
 
 
+def _add_robust(sub: Any) -> None:
+    """``advreid robust``: the standard worst-case robust evaluation (docs/robust.md)."""
+    r = sub.add_parser(
+        "robust",
+        help="standard worst-case robustness: a fixed, versioned attack ensemble, the per-query worst case",
+        description="Run every member of a versioned attack ensemble (APGD, FNA, ODFA, LTA, a gallery-guided rank "
+        "attack, a gradient-free random search) on every query and report, per query, the adversarial version with "
+        "the lowest AP (ties: the worse first-match rank); flags likely gradient masking. Writes DIR/results.json "
+        "(a versioned JSON Schema, docs/robust.md).")
+    r.add_argument("run_dir", nargs="?", default=None, metavar="MODEL",
+                   help="run directory or model spec KIND:NAME[@WEIGHTS] (see --model)")
+    r.add_argument("--data", required=True, help="dataset root")
+    r.add_argument("--dataset", default=None, help="parser name (default: the one the run was trained on)")
+    r.add_argument("--eps", default=None, help="budget: L-inf in pixels or [0,1] units (default 8px); L2: a radius "
+                   "over the whole [0,1] image (default 1.0)")
+    r.add_argument("--defense", default=None, metavar="NAME|none",
+                   help="passive defense on every test image (default: the run's defense.passive; none: bare model)")
+    r.add_argument("--adaptive", action="store_true",
+                   help="the members differentiate through the defense (BPDA; EOT when it is random)")
+    r.add_argument("--version", default="standard", choices=["standard", "rand", "quick"],
+                   help="standard (default), rand (randomised defenses: EOT in every member, metrics averaged over "
+                   "defense draws) or quick (APGD + random search, a cheap smoke test)")
+    r.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="attack only N evenly spaced queries (a smoke run: never ranked with full runs)")
+    r.add_argument("--batch-size", type=int, default=32, help="images attacked at once (default 32)")
+    r.add_argument("--seed", type=int, default=0, help="seed of every member's per-sample streams (default 0)")
+    r.add_argument("--device", default=None)
+    r.add_argument("--num-workers", type=int, default=2)
+    r.add_argument("--out", required=True, help="result folder (results.json, members/)")
+    _add_resume_flags(r, "robust evaluation")
+    add_model_flags(r)
+    r.add_argument("--norm", dest="threat_norm", choices=["linf", "l2"], default="linf",
+                   help="threat model norm (default linf)")
+    r.set_defaults(func=_cmd_robust)
+
+
+def _cmd_robust(a: argparse.Namespace) -> int:
+    from advreid.evaluation import RunOptions
+    from advreid.experiments.runs import load_run
+    from advreid.robust import RobustJob, run_robust
+
+    source = model_source(a)
+    if a.max_images is not None and a.max_images < 1:
+        raise ValueError(f"--max-images {a.max_images}: expected a positive number of images")
+    model, info = load_run(source, card=model_card_from_args(a))
+    job = RobustJob(model, info, a.data, a.out, dataset=a.dataset, eps=a.eps, norm=a.threat_norm,
+                    defense="auto" if a.defense is None else a.defense, adaptive=a.adaptive, version=a.version,
+                    max_images=a.max_images, seed=a.seed, resume=a.resume, overwrite=a.overwrite,
+                    options=RunOptions(batch_size=a.batch_size, device=a.device, num_workers=a.num_workers,
+                                       progress=True),
+                    on_member=lambda name, rec: print(f"  {name}: done in {rec['seconds']:.1f}s", flush=True))
+    try:
+        doc, out = run_robust(job)
+    except ValueError as e:
+        if "adaptive=True needs a defense" in str(e):
+            raise ValueError("--adaptive attacks through a passive defense, but there is none: pass --defense NAME "
+                             "(e.g. rrp)") from None
+        raise
+    if not doc:  # another rank of a sharded run (torchrun): rank 0 prints
+        return 0
+    from advreid.reporting.leaderboard import robust_text
+
+    print(robust_text(doc))
+    print(f"saved to {out / 'results.json'}")
+    return 0
+
+
+def _add_leaderboard(sub: Any) -> None:
+    """``advreid leaderboard``: rank `advreid robust` results by worst-case mAP."""
+    b = sub.add_parser("leaderboard", help="rank `advreid robust` results (HTML, Markdown, CSV)",
+                       description="Rank results.json files of `advreid robust` by worst-case mAP with intervals; "
+                       "entries with another threat model, ensemble version, budget or dataset are ranked in "
+                       "separate groups.")
+    b.add_argument("results", nargs="+", metavar="RESULTS",
+                   help="results.json files or `advreid robust` folders")
+    b.add_argument("--out", required=True, help="output folder (leaderboard.html, leaderboard.md, leaderboard.csv)")
+    b.add_argument("--overwrite", action="store_true", help="replace existing leaderboard files in --out")
+    b.set_defaults(func=_cmd_leaderboard)
+
+
+def _cmd_leaderboard(a: argparse.Namespace) -> int:
+    from advreid.reporting.leaderboard import write_leaderboard
+
+    paths, text = write_leaderboard(a.results, a.out, overwrite=a.overwrite)
+    print(text)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def _add_report(sub: Any) -> None:
     """``advreid report``."""
     r = sub.add_parser("report", help="write report.html (+ figures/) for a bench folder, an attack result or a run")
@@ -504,6 +664,65 @@ def _cmd_report(a: argparse.Namespace) -> int:
     path = build_report(a.dir, a.out, gradcam=not a.no_gradcam, device=a.device)
     print(f"report: {path} (figures in {path.parent / 'figures'})")
     return 0
+
+
+# ---------------------------------------------------------------------------------------- model specs
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """``--model KIND:NAME[@WEIGHTS]`` and its model card flags (input size, normalisation, feature, scoring), for
+    every command that takes a run folder; ``--metric`` / ``--flip`` are added unless the command has them."""
+    g = p.add_argument_group("bring your own model (docs/models.md)")
+    g.add_argument("--model", default=None, metavar="KIND:NAME[@WEIGHTS]",
+                   help="a model instead of a run folder: torchreid:ARCH@CKPT, fastreid:CONFIG.yml@MODEL.pth, "
+                   "torchvision:ARCH@WEIGHTS, torchscript:MODEL.pt, python:MODULE:FACTORY[@WEIGHTS]")
+    g.add_argument("--model-card", default=None, metavar="FILE",
+                   help="YAML model card (default: <weights>.yaml beside the weights, if present)")
+    g.add_argument("--input-size", default=None, metavar="HxW", help="input size of the model (default 256x128)")
+    g.add_argument("--input-norm", dest="norm", choices=["imagenet", "none"], default=None,
+                   help="input normalisation inside the wrapper (default imagenet mean/std)")
+    g.add_argument("--mean", default=None, metavar="R,G,B", help="normalisation mean (images in [0,1])")
+    g.add_argument("--std", default=None, metavar="R,G,B", help="normalisation std (images in [0,1])")
+    g.add_argument("--feature-layer", default=None, metavar="NAME",
+                   help="use this submodule's output (globally average-pooled if spatial) instead of the eval output")
+    have = p._option_string_actions  # noqa: SLF001 -- argparse has no public "has this flag" query
+    if "--metric" not in have:
+        g.add_argument("--metric", choices=["cosine", "euclidean", "sqeuclidean"], default=None,
+                       help="distance (default: the model's: cosine; torchreid specs euclidean)")
+    if "--flip" not in have:
+        g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                       help="flip-averaged features (default: the model's: off)")
+
+
+def model_source(a: argparse.Namespace) -> str | Path:
+    """The model of a command: the positional RUN_DIR (a folder, or a spec) or ``--model SPEC``; exactly one."""
+    from advreid.models.external import is_model_spec
+
+    given = [x for x in (a.run_dir, getattr(a, "model", None)) if x is not None]
+    if len(given) != 1:
+        raise ValueError("give the model once: a run folder (RUN_DIR) or --model KIND:NAME[@WEIGHTS]"
+                         + (f" (got both {a.run_dir} and --model {a.model})" if given else ""))
+    if getattr(a, "model", None) is not None:
+        from advreid.models.external import parse_spec
+
+        parse_spec(a.model)  # an unknown kind or a malformed spec: one line, before anything loads
+        return str(a.model)
+    return str(a.run_dir) if is_model_spec(a.run_dir) else Path(a.run_dir)
+
+
+def model_card_from_args(a: argparse.Namespace) -> Any:
+    """The :class:`~advreid.models.external.ModelCard` the flags state (None: none given); errors name the flag."""
+    import dataclasses
+
+    from advreid.models.external import ModelCard
+
+    flags = {"input_size": "input_size", "norm": "norm", "mean": "mean", "std": "std",
+             "feature_layer": "feature_layer", "metric": "metric", "flip": "flip"}
+    given = {k: getattr(a, f) for k, f in flags.items() if getattr(a, f, None) is not None}
+    if given.get("norm") is not None and ({"mean", "std"} & set(given)):
+        raise ValueError("--input-norm and --mean/--std exclude each other")
+    if not given and getattr(a, "model_card", None) is None:
+        return None
+    card = ModelCard.from_dict(given, "flags")
+    return dataclasses.replace(card, path=a.model_card) if getattr(a, "model_card", None) else card
 
 
 def _add_skip_bad_images(p: argparse.ArgumentParser) -> None:
@@ -606,7 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = p.add_subparsers(dest="cmd", required=True)
     for add in (_add_synth, _add_data, _add_train, _add_eval, _add_attack, _add_bench, _add_demo, _add_report,
-                _add_diffusion, _add_resample, _add_dmr):
+                _add_diffusion, _add_resample, _add_dmr, _add_robust, _add_leaderboard):
         add(sub)
     return p
 

@@ -15,7 +15,7 @@ from advreid.evaluation.distance import compute_distance_matrix
 from advreid.evaluation.protocol import EvalProtocol
 from advreid.evaluation.rank import evaluate_rank
 from advreid.evaluation.rerank import re_ranking_features
-from advreid.models.features import extract_features
+from advreid.evaluation.sharding import extract_sharded, is_main
 
 
 def evaluate_features(
@@ -67,14 +67,20 @@ def evaluate_model(
 ) -> dict:
     """Evaluate ``model`` on query/gallery records under the Market-1501 protocol; returns a flat dict of metrics
     with their bootstrap intervals. ``protocol`` (or its fields as keywords: ``metric``, ``flip``, ``rerank``,
-    ``height``...) says how; with ``rerank`` both the plain and the re-ranked scores are returned (``rr_`` keys)."""
+    ``height``...) says how; with ``rerank`` both the plain and the re-ranked scores are returned (``rr_`` keys).
+    Under ``torchrun`` the extraction is split over the ranks by whole batches and rank 0 scores; the other ranks
+    return an empty dict."""
     protocol = (protocol or EvalProtocol()).replace(**protocol_fields)
     t0 = time.perf_counter()
     tf = build_transforms(protocol.height, protocol.width, is_train=False)
     kw = dict(batch_size=protocol.batch_size, flip=protocol.flip, normalize=protocol.normalize, device=device,
-              num_workers=num_workers, progress=progress)
-    qf, qp, qc = extract_features(model, ImageDataset(list(query), tf), desc="query", **kw)
-    gf, gp, gc = extract_features(model, ImageDataset(list(gallery), tf), desc="gallery", **kw)
+              num_workers=num_workers, progress=progress and is_main())
+    # under torchrun each rank extracts its batches and rank 0 alone ranks (docs/sharding.md)
+    q = extract_sharded(model, ImageDataset(list(query), tf), desc="query", to_all=False, **kw)
+    g = extract_sharded(model, ImageDataset(list(gallery), tf), desc="gallery", to_all=False, **kw)
+    if q is None or g is None:
+        return {}
+    (qf, qp, qc), (gf, gp, gc) = q, g
     t1 = time.perf_counter()
     out = score((qf, qp, qc), (gf, gp, gc), protocol)
     out["extract_s"] = round(t1 - t0, 3)

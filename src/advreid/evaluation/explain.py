@@ -30,8 +30,11 @@ SCORES = ("projection", "cosine")
 
 
 def gradcam_layer(model: nn.Module) -> nn.Module:
-    """The default Grad-CAM layer: the ``backbone`` of the (first, possibly wrapped) ReIDNet in ``model``."""
+    """The default Grad-CAM layer: the model's own choice (``model.gradcam_layer()``, e.g. a model spec's wrapper),
+    else the ``backbone`` of the (first, possibly wrapped) ReIDNet in ``model``."""
     for m in model.modules():
+        if callable(getattr(m, "gradcam_layer", None)):
+            return m.gradcam_layer()
         bb = getattr(m, "backbone", None)
         if isinstance(bb, nn.Module):
             return bb

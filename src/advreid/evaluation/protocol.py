@@ -247,7 +247,9 @@ def _device_of(model: nn.Module) -> torch.device:
 class RunOptions:
     """How an evaluation is executed (none of it changes a number): attack batch size, device, loader workers,
     progress bars, a ``cache`` dict reused across calls on the same model, data and protocol (clean features,
-    guide banks), where to save the adversarial images, and what to keep in memory."""
+    guide banks), where to save the adversarial images, what to keep in memory, and a ``batch_store``
+    (:class:`advreid.evaluation.sharding.BatchStore`) where finished attack batches are saved and read back on
+    resume."""
 
     batch_size: int = 32
     device: torch.device | str | None = None
@@ -258,6 +260,7 @@ class RunOptions:
     keep_images: bool | frozenset[int] | set[int] | list[int] = False  # True: all; a collection: those indices
     keep_features: bool = False
     on_eps: Callable[[dict], None] | None = None
+    batch_store: Any = None
 
 
 # ------------------------------------------------------------------------------------------- result JSON

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,7 +34,10 @@ from advreid.experiments.grid import (
 from advreid.experiments.runs import pop_per_query
 from advreid.utils.io import atomic_write_json, atomic_write_text, atomic_write_with, prepare_run_dir
 
-__all__ = ["FeatureCache", "run_bench"]
+if TYPE_CHECKING:
+    from advreid.experiments.executors import Executor
+
+__all__ = ["Bench", "FeatureCache", "finished_cell", "run_bench", "run_cell"]
 
 
 class FeatureCache(dict):
@@ -97,10 +100,15 @@ class Bench:
         """Feature cache of (model, dataset): in memory, clean features also on disk (``OUT/cache``) for resumes."""
         key = (model, dataset)
         if key not in self.caches:
-            ckpt = Path(self.model(model)[1]["checkpoint"])
-            weights = Path(f"{ckpt}.safetensors")
-            mtime = weights.stat().st_mtime_ns if weights.is_file() else 0
-            stamp = f"{ckpt.resolve()}|{mtime}|{self.dataset_root(dataset)}"
+            info = self.model(model)[1]
+            if info.get("checkpoint") is None:  # a model spec: what decides its features (weights, card)
+                stamp = "|".join(str(info.get(k)) for k in ("spec", "weights_sha256", "input_size", "normalization",
+                                                            "feature_layer")) + f"|{self.dataset_root(dataset)}"
+            else:
+                ckpt = Path(info["checkpoint"])
+                weights = Path(f"{ckpt}.safetensors")
+                mtime = weights.stat().st_mtime_ns if weights.is_file() else 0
+                stamp = f"{ckpt.resolve()}|{mtime}|{self.dataset_root(dataset)}"
             tag = hashlib.sha1(stamp.encode()).hexdigest()[:10]  # another checkpoint -> another folder
             self.caches[key] = FeatureCache(self.out / "cache" / f"{model}__{dataset}__{tag}")
         return self.caches[key]
@@ -146,6 +154,8 @@ class Bench:
         if key in self.runs:
             return self.runs[key]
         m = self.cfg["models"][key]
+        if m.get("spec") is not None:
+            raise ValueError(f"bench model {key!r} is a model spec ({m['spec']}), it has no run folder")
         if m.get("run") is not None:
             run = Path(m["run"]).expanduser()
             if not run.is_dir():
@@ -197,9 +207,12 @@ class Bench:
 
     def model(self, key: str) -> Any:
         if key not in self.models:
+            from advreid.experiments.grid import spec_model_card
             from advreid.experiments.runs import load_run
 
-            model, info = load_run(self.run_dir(key))
+            m = self.cfg["models"][key]
+            model, info = load_run(m["spec"], card=spec_model_card(m)) if m.get("spec") is not None \
+                else load_run(self.run_dir(key))
             self.models[key] = (model.to(self.device).eval(), info)
         return self.models[key]
 
@@ -351,6 +364,13 @@ def _store(out: Path, doc: dict, arrays: dict) -> dict:
     return doc
 
 
+def run_cell(bench: Bench, cell: Cell) -> dict:
+    """Compute ``cell`` and store it under ``bench.out`` (what every executor runs); its document as stored."""
+    doc, arrays = bench.compute(cell)
+    doc["spec"] = spec_of(bench.cfg, cell)
+    return json.loads(json.dumps(_store(bench.out, doc, arrays)))
+
+
 def _feature_tensors(doc: dict, arrays: dict) -> dict[str, torch.Tensor]:
     feats = arrays["features"]
     index = arrays.get("feature_index") or {}
@@ -390,7 +410,8 @@ def _prepare_out(cfg: dict, out: Path, resume: bool, overwrite: bool, tables_onl
     atomic_write_text(out / "bench.yaml", dump_config(cfg))
 
 
-def _finished(cfg: dict, out: Path, cell: Cell) -> dict | None:
+def finished_cell(cfg: dict, out: Path, cell: Cell) -> dict | None:
+    """The stored result of ``cell`` under ``out`` if it is finished for this config (None: to be computed)."""
     path = out / "cells" / f"{cell_key(*cell)}.json"
     if not path.is_file():
         return None
@@ -407,25 +428,29 @@ def _finished(cfg: dict, out: Path, cell: Cell) -> dict | None:
 
 def run_bench(source: str | Path | dict, out: str | Path | None = None, *, overrides: Sequence[str] | None = None,
               resume: bool = False, overwrite: bool = False, progress: bool = True,
-              tables_only: bool = False, seeds: Sequence[int] | None = None) -> tuple[dict, Path]:
+              tables_only: bool = False, seeds: Sequence[int] | None = None,
+              executor: Executor | None = None) -> tuple[dict, Path]:
     """Run (or resume) the benchmark grid of ``source``; write cells, ``results.json`` and tables into ``out``.
 
     ``seeds``: repeat the whole grid once per seed (training and attack randomness) under ``out/seed_<s>`` and
-    report mean +- std across seeds (``out/results.json``, tables); each repetition keeps its own intervals."""
+    report mean +- std across seeds (``out/results.json``, tables); each repetition keeps its own intervals.
+    ``executor``: where the cells and trainings run (:mod:`advreid.experiments.executors`; default in this
+    process); the tables are built here from the stored cells either way."""
+    from advreid.experiments.executors import LocalExecutor, warn_failures
     from advreid.reporting.bench_tables import build_tables, write_tables
 
     cfg = load_bench_config(source, overrides)
     out = Path(out) if out is not None else Path("runs") / "bench" / cfg["name"]
     if seeds:
         return _run_seeds(cfg, out, list(seeds), resume=resume, overwrite=overwrite, progress=progress,
-                          tables_only=tables_only)
+                          tables_only=tables_only, executor=executor)
     _prepare_out(cfg, out, resume, overwrite, tables_only)
     bench = Bench(cfg, out, progress)
     grid = cells(cfg)
     results: dict[str, dict] = {}
     todo = []
     for c in grid:
-        doc = _finished(cfg, out, c)
+        doc = finished_cell(cfg, out, c)
         if doc is not None:
             results[cell_key(*c)] = doc
         elif not tables_only:
@@ -445,17 +470,21 @@ def run_bench(source: str | Path | dict, out: str | Path | None = None, *, overr
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc="bench cells", dynamic_ncols=True, disable=None, leave=False)
-    for c in todo:
-        doc, arrays = bench.compute(c)
-        doc["spec"] = spec_of(cfg, c)
-        results[cell_key(*c)] = json.loads(json.dumps(_store(out, doc, arrays)))
+
+    def on_cell(c: Cell, doc: dict) -> None:
+        results[cell_key(*c)] = doc
         if bar is not None:
             bar.update(1)
         bench.log(_cell_line(doc))
         write_results(False)
+
+    failed = (executor or LocalExecutor()).run(bench, todo, on_cell)
     if bar is not None:
         bar.close()
+    warn_failures(failed)
     doc = write_results(len(results) == len(grid))
+    if failed:
+        doc["failed"] = failed
     doc["comparisons"] = _comparisons(doc, out)
     tables = build_tables(doc)
     write_tables(tables, out / "tables")
@@ -560,7 +589,7 @@ def _run_seeds(cfg: dict, out: Path, seeds: list[int], **kw: Any) -> tuple[dict,
         sub = out / f"seed_{s}"
         resume = kw["resume"] and sub.exists()
         doc, _ = run_bench(one, sub, resume=resume, overwrite=False, progress=kw["progress"],
-                           tables_only=kw["tables_only"])
+                           tables_only=kw["tables_only"], executor=kw["executor"])
         docs.append(doc)
     keys = ("rank1", "rank5", "rank10", "mAP", "mINP")
     cells = []

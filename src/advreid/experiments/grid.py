@@ -33,6 +33,9 @@ BENCH_SCHEMA: dict[str, Any] = {
 _ATTACK_KEYS = {"name", "eps", "alpha", "steps", "params", "quantize", "reencode", "label", "source", "generator"}
 _GENERATOR_KEYS = {"model", "config", "overrides"}
 _MODEL_KEYS = {"run", "config", "train_on", "overrides", "source", "init"}
+# a model given as a spec (KIND:NAME[@WEIGHTS], loaded, not trained) and its model card, inline or as a file
+SPEC_CARD_KEYS = ("input_size", "norm", "mean", "std", "feature_layer", "metric", "flip", "normalize")
+_SPEC_MODEL_KEYS = {"spec", "card", "train_on", *SPEC_CARD_KEYS}
 _DATASET_KEYS = {"name", "root", "synthetic", "resampled"}
 _TABLE_KEYS = {"name", "title", "kind", "dataset", "datasets", "rows", "columns", "threats", "rerank", "per_identity",
                "note"}
@@ -104,9 +107,13 @@ def _validate_structure(cfg: dict, where: str) -> None:
     for key, m in cfg["models"].items():
         if not isinstance(m, dict):
             raise _err(where, f"models.{key} must be a mapping ({{run: DIR}} or {{config: PRESET, train_on: DATA}})")
+        if m.get("spec") is not None:
+            _validate_spec_model(cfg, key, m, where)
+            continue
         _unknown(set(m), _MODEL_KEYS, f"models.{key}.", where)
         if m.get("run") is None and m.get("config") is None:
-            raise _err(where, f"models.{key}: give run: DIR (a trained run) or config: PRESET (trained here)")
+            raise _err(where, f"models.{key}: give run: DIR (a trained run), config: PRESET (trained here) or spec: "
+                              "KIND:NAME[@WEIGHTS] (a model loaded from elsewhere)")
         if m.get("config") is not None and m.get("train_on") not in cfg["datasets"]:
             raise _err(where, f"models.{key}.train_on={m.get('train_on')!r}; expected one of the datasets: "
                               f"{', '.join(cfg['datasets'])}")
@@ -124,6 +131,37 @@ def _validate_structure(cfg: dict, where: str) -> None:
         _unknown(set(t), _TABLE_KEYS, f"tables[{i}].", where)
         if t.get("kind", "attack") not in ("attack", "clean", "cross_domain"):
             raise _err(where, f"tables[{i}].kind={t.get('kind')!r}; expected attack, clean or cross_domain")
+
+
+def spec_model_card(m: dict) -> Any:
+    """The :class:`~advreid.models.external.ModelCard` of a spec model entry (its inline keys over its ``card``)."""
+    import dataclasses
+
+    from advreid.models.external import ModelCard
+
+    card = ModelCard.from_dict({k: m[k] for k in SPEC_CARD_KEYS if k in m}, "model card")
+    return dataclasses.replace(card, path=str(Path(m["card"]).expanduser())) if m.get("card") else card
+
+
+def _validate_spec_model(cfg: dict, key: str, m: dict, where: str) -> None:
+    """A spec model: known kind, valid card, and no use that needs a run folder (training from it)."""
+    from advreid.models.external import parse_spec
+
+    _unknown(set(m), _SPEC_MODEL_KEYS, f"models.{key}.", where)
+    if m.get("train_on") is not None and m["train_on"] not in cfg["datasets"]:
+        raise _err(where, f"models.{key}.train_on={m['train_on']!r}; expected one of the datasets: "
+                          f"{', '.join(cfg['datasets'])}")
+    try:
+        parse_spec(str(m["spec"]))
+        spec_model_card(m)
+    except ValueError as e:
+        raise _err(where, f"models.{key}: {e}") from None
+    users = [f"models.{k}.{r}" for k, o in cfg["models"].items() for r in ("source", "init") if o.get(r) == key]
+    users += [f"attacks.{k}.generator" for k, a in (cfg.get("attacks") or {}).items()
+              if isinstance(a, dict) and isinstance(a.get("generator"), dict) and a["generator"].get("model") == key]
+    if users:
+        raise _err(where, f"{users[0]} names models.{key}, a model spec: training from it needs a run folder "
+                          "(give run: DIR instead)")
 
 
 def _validate_attacks(cfg: dict, where: str) -> None:

@@ -718,7 +718,8 @@ class _Bench:
         return rows, stored
 
     def add_gradcam(self, queries: list[int]) -> None:
-        from advreid.models import load_checkpoint
+        from advreid.evaluation.explain import gradcam_layer
+        from advreid.experiments.runs import reload_model
 
         for n, m in enumerate(self.models()):
             cells = self.white_box(m)
@@ -726,17 +727,18 @@ class _Bench:
                 self.rep.add_unavailable("gradcam", f"model {m}: no white-box query attack on {self.focus[1]}")
                 continue
             info = cells[0]["model"]
-            try:
-                model = load_checkpoint(info["checkpoint"], map_location=self.device)
+            try:  # a run's checkpoint or a model spec, the same resolver as eval/attack
+                model = reload_model(info).to(self.device)
+                gradcam_layer(model)
             except (OSError, ValueError, KeyError, TypeError) as e:
-                self.rep.add_unavailable("gradcam", f"model {m}: checkpoint not loadable ({e})")
+                self.rep.add_unavailable("gradcam", f"model {m}: not loadable for Grad-CAM ({e})")
                 continue
             rows, stored = self.gradcam_rows(model, cells, queries)
             target = ("the query's stored clean feature" if stored else
                       "the query's clean feature (recomputed with the model: the clean features were not stored)")
             self.rep.figures.append(FigureSpec(
                 "gradcam", f"gradcam_{n}", "gradcam", rows, title=f"Grad-CAM: model {m}",
-                details=[c["label"] for c in cells] + [f"checkpoint {info['checkpoint']}"],
+                details=[c["label"] for c in cells] + [f"checkpoint {info.get('checkpoint') or info.get('spec')}"],
                 caption=f"Grad-CAM (pytorch-grad-cam, layer: the backbone's last block) of model {m}, target: the "
                         f"projection of the embedding on {target}, for the clean query and its saved adversarial "
                         "version (maps min-max scaled per image). Attacks:"))

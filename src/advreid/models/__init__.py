@@ -22,6 +22,7 @@ from advreid.models.features import embed, extract_features
 from advreid.models.pretrained import (
     PretrainedWeightsError,
     PretrainedWeightsNotFound,
+    UnsafeCheckpointError,
     hub_checkpoint_dir,
     load_pretrained_backbone,
     read_state_dict_file,
@@ -35,5 +36,5 @@ __all__ = [
     "CheckpointMismatchError", "GeM", "PretrainedWeightsError", "PretrainedWeightsNotFound", "ReIDNet",
     "build_backbone", "build_model", "build_pooling", "checkpoint_paths", "embed", "extract_features",
     "find_checkpoint", "hub_checkpoint_dir", "load_checkpoint", "load_pretrained_backbone", "read_checkpoint",
-    "read_state_dict_file", "save_checkpoint", "weights_file_name", "weights_url",
+    "read_state_dict_file", "save_checkpoint", "UnsafeCheckpointError", "weights_file_name", "weights_url",
 ]

@@ -7,6 +7,7 @@ torchvision would have downloaded; ``pretrained=PATH`` reads that file (``.safet
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 from urllib.parse import urlparse
@@ -49,6 +50,10 @@ class PretrainedWeightsNotFound(FileNotFoundError):
 
 class PretrainedWeightsError(ValueError):
     """A weights file does not fit the backbone (missing, unexpected or mis-shaped keys)."""
+
+
+class UnsafeCheckpointError(PretrainedWeightsError):
+    """A pickled weights file needs arbitrary code to be read (refused; the code never runs)."""
 
 
 def hub_checkpoint_dir() -> Path:
@@ -94,6 +99,39 @@ def find_imagenet_weights(backbone: str) -> Path:
     )
 
 
+def _numpy_safe_globals() -> list:
+    """numpy scalars and dtypes: what training loops store beside the weights (torchreid's ``rank1``), all plain
+    data (``scalar(dtype, bytes)``), never code."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    out: list = [core.multiarray.scalar, np.dtype]
+    out += [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "uint8", "bool")]
+    return out
+
+
+def torch_load_safe(path: str | Path) -> object:
+    """``torch.load(weights_only=True)``, with numpy scalars/dtypes allowed; a file that needs any other global
+    (arbitrary code: a ``__reduce__`` calling ``os.system``, a pickled class) is refused by
+    :class:`UnsafeCheckpointError` in one line, and nothing from it runs (the restricted unpickler stops at the first
+    unknown global)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as first:
+        err: Exception = first
+    try:  # numpy scalars are plain data: retry with them allowed
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as second:
+        err = second
+    names = list(dict.fromkeys(re.findall(r"GLOBAL ([\w.]+)", str(err))))
+    what = ", ".join(names) if names else " ".join(str(err).split())[:200]
+    raise UnsafeCheckpointError(
+        f"weights file {str(path)!r} refused: unpickling it needs {what}, which torch.load(weights_only=True) does "
+        "not allow (it could run arbitrary code); nothing from it was run. Re-save the weights as a plain state "
+        "dict (torch.save(model.state_dict(), PATH)) or as .safetensors") from None
+
+
 def read_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a flat name->tensor dict from ``.safetensors`` or a ``.pth``/``.pt`` file (weights_only, safe)."""
     path = Path(path)
@@ -105,7 +143,9 @@ def read_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
             obj: object = load_file(str(path), device="cpu")
         else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch_load_safe(path)
+    except UnsafeCheckpointError:
+        raise
     except Exception as e:  # noqa: BLE001 -- re-raised with the file name
         raise PretrainedWeightsError(
             f"cannot read weights file {str(path)!r}: {type(e).__name__}: {e}. "

@@ -60,7 +60,8 @@ def _run(args: list[str], timeout: float) -> str:
 def check_report_in_browser(html_path: str | os.PathLike, screenshot_path: str | os.PathLike, timeout: float = 60,
                             *, width: int = 1300, max_height: int = 16000) -> dict[str, Any]:
     """Load ``html_path`` headless; returns ``{"images": n, "broken": [ids], "errors": [...], "sections": [...],
-    "expected_sections": [...], "missing_sections": [...], "height": px, "screenshot": path, "chromium": binary}``.
+    "expected_sections": [...], "missing_sections": [...], "height": px, "screenshot": path, "chromium": binary,
+    "page": everything the page's self-check wrote}``.
 
     Raises FileNotFoundError when no Chromium binary exists (install Debian's ``chromium``) or the page is missing,
     TimeoutError when a run exceeds ``timeout`` seconds, ValueError when the page has no self-check element.
@@ -95,4 +96,4 @@ def check_report_in_browser(html_path: str | os.PathLike, screenshot_path: str |
     return {"images": len(images), "broken": [i["id"] for i in images if not i["naturalWidth"]],
             "errors": list(found["errors"]), "sections": sections, "expected_sections": expected,
             "missing_sections": [s for s in expected if s not in sections], "height": height,
-            "screenshot": str(shot), "chromium": binary}
+            "screenshot": str(shot), "chromium": binary, "page": found}

@@ -26,11 +26,14 @@ def format_grid(header: Sequence[str], rows: Sequence[Sequence[str]], *, markdow
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]], *, markdown: bool = False) -> str:
-    """``columns`` = [(key, header)]; floats in [0,1] under metric keys are shown as percentages."""
+    """``columns`` = [(key, header)]; floats in [0,1] under metric keys are shown as percentages, with the row's
+    ``<key>_ci`` 95% interval when it has one (``format_ci``: ``"38.6 [33.7, 42.9]"``), else to two decimals."""
     def cell(row: dict, key: str) -> str:
         v = row.get(key, "")
+        if isinstance(v, float) and key.removeprefix("rr_") in _PCT:
+            return format_ci(row, key) if f"{key}_ci" in row else f"{100 * v:.2f}"
         if isinstance(v, float):
-            return f"{100 * v:.2f}" if key.removeprefix("rr_") in _PCT else f"{v:.3g}"
+            return f"{v:.3g}"
         return str(v)
 
     return format_grid([h for _, h in columns], [[cell(r, k) for k, _ in columns] for r in rows], markdown=markdown)

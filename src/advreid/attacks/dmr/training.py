@@ -1,6 +1,8 @@
 """Train a DMR generator against a frozen victim, choosing the kept generator on held-out *training* identities.
 
-Recipe (reference ``train.py``): per P x K batch, ``x' = perturb(x)``; the discriminator learns (LSGAN) to tell
+Recipe (reference ``train.py``): per P x K batch (images at ``data.train_scale`` times ``data.height`` x
+``data.width``, the size the generator is validated at and attacks at; null sizes = the victim checkpoint's
+``input_size``), ``x' = perturb(x)``; the discriminator learns (LSGAN) to tell
 ``cat(x, x')`` (fake) from ``cat(x[:B/2], x[B/2:])`` (real: two clean images of different people); the generator
 minimises ``L_GAN + 10 (L_xent + L_tri) + 0.1 (1 - MS-SSIM(x, x'))`` (:mod:`.losses`, weights configurable). Adam
 (lr 2e-4, betas 0.5/0.999) for both; the generator step comes first, then the discriminator's. The victim is loaded
@@ -53,14 +55,16 @@ from advreid.utils.io import atomic_write_json, atomic_write_text, check_run_dir
 from advreid.utils.misc import get_device, seed_everything
 
 __all__ = ["DMR_CHOICES", "DMR_DEFAULTS", "ValidationSplit", "build_nets", "load_dmr_config", "load_generator",
-           "split_validation", "train_dmr", "victim_outputs"]
+           "resolve_input_size", "split_validation", "train_dmr", "train_size", "victim_outputs"]
 
 DMR_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "device": "auto",
     "victim_run": None,
-    "data": {"name": "market1501", "root": None, "train_all": False, "height": 256, "width": 128, "num_workers": 4,
-             "flip_p": 0.5, "pad": 10, "val_fraction": 0.1},
+    # height/width: the size the generator is validated at and attacks at (null: the victim checkpoint's
+    # input_size); train_scale: it trains at round(train_scale * height) x round(train_scale * width)
+    "data": {"name": "market1501", "root": None, "train_all": False, "height": 256, "width": 128, "train_scale": 1.0,
+             "num_workers": 4, "flip_p": 0.5, "pad": 10, "val_fraction": 0.1},
     "sampler": {"p": 8, "k": 4},
     "generator": {"ngf": 32, "n_blocks": 6, "init": "normal", "spectral": True},
     "discriminator": {"type": "multiscale", "ndf": 64, "n_layers": 3, "temperature": -1, "use_gumbel": False,
@@ -104,7 +108,7 @@ def _validate(cfg: dict) -> None:
         cfg["perturb"]["eps"] = parse_eps("16px" if eps is None else eps, "perturb.eps")
     except (TypeError, ValueError) as e:
         raise ConfigError(str(e)) from None
-    d, s, disc, loss = cfg["data"], cfg["sampler"], cfg["discriminator"], cfg["loss"]
+    d, s, disc = cfg["data"], cfg["sampler"], cfg["discriminator"]
     if not 0 < d["val_fraction"] < 1:
         raise _bad("data.val_fraction", d["val_fraction"], "a fraction in (0, 1) of the training identities")
     if s["p"] < 2 or s["k"] < 2 or (s["p"] * s["k"]) % 2:
@@ -118,11 +122,44 @@ def _validate(cfg: dict) -> None:
         raise _bad("train.epochs", cfg["train"]["epochs"], "an int >= 1")
     if cfg["optim"]["lr"] <= 0:
         raise _bad("optim.lr", cfg["optim"]["lr"], "a positive number")
-    if loss["ssim_kind"] == "msssim" and loss["ssim_win"] is None:
+    for key in ("height", "width"):
+        if d[key] is not None and d[key] < 1:
+            raise _bad(f"data.{key}", d[key], "a positive pixel count, or null for the victim's input size")
+    if not 0 < d["train_scale"] <= 1:
+        raise _bad("data.train_scale", d["train_scale"], "a fraction in (0, 1] of data.height x data.width")
+    _check_ssim_window(cfg)
+
+
+def train_size(cfg: dict) -> tuple[int, int]:
+    """(height, width) the generator trains at: ``data.train_scale`` times the validation/attack size."""
+    d = cfg["data"]
+    return max(1, round(d["train_scale"] * d["height"])), max(1, round(d["train_scale"] * d["width"]))
+
+
+def _check_ssim_window(cfg: dict) -> None:
+    """MS-SSIM's automatic window must fit the training size (checked once the size is known)."""
+    d, loss = cfg["data"], cfg["loss"]
+    if loss["ssim_kind"] == "msssim" and loss["ssim_win"] is None and None not in (d["height"], d["width"]):
+        h, w = train_size(cfg)
         try:
-            auto_win_size(d["height"], d["width"], loss["ssim_levels"])
+            auto_win_size(h, w, loss["ssim_levels"])
         except ValueError as e:
-            raise ConfigError(f"loss.ssim_levels={loss['ssim_levels']}: {e}") from None
+            raise ConfigError(f"loss.ssim_levels={loss['ssim_levels']} at the training size {h}x{w}: {e}") from None
+
+
+def resolve_input_size(cfg: dict, victim: nn.Module) -> None:
+    """Fill ``data.height`` / ``data.width`` left null with the victim checkpoint's ``input_size`` (the size it was
+    trained at and is attacked at), so the generator is validated and kept at the resolution it will attack."""
+    d = cfg["data"]
+    if d["height"] is not None and d["width"] is not None:
+        return
+    size = (getattr(victim, "checkpoint_meta", None) or {}).get("meta", {}).get("input_size")
+    if not (isinstance(size, list | tuple) and len(size) == 2):
+        raise ValueError(f"victim {cfg['victim_run']}: its checkpoint records no input_size; set data.height and "
+                         "data.width (e.g. data.height=256 data.width=128)")
+    d["height"] = int(size[0]) if d["height"] is None else d["height"]
+    d["width"] = int(size[1]) if d["width"] is None else d["width"]
+    _check_ssim_window(cfg)
 
 
 def _weights(cfg: dict) -> LossWeights:
@@ -241,13 +278,14 @@ class DMRTrainer:
         inv = {v: k for k, v in ds.train_pid_map.items()}
         self.val_pids = [int(inv[i]) for i in self.split.labels]
         self.victim, self.victim_info = _load_victim(cfg["victim_run"], self.device)
+        resolve_input_size(cfg, self.victim)
         ncls = self.victim_info["num_classes"] or 0
         if self.weights.xent and ncls != ds.num_train_pids:
             raise ValueError(f"victim {cfg['victim_run']} has {ncls} classes but {d['name']} at {d['root']} has "
                              f"{ds.num_train_pids} training identities: train the victim on the same data "
                              "(data.train_all), or set loss.xent=0")
         self.train_ds = ImageDataset(self.split.train, build_transforms(
-            d["height"], d["width"], is_train=True, flip_p=d["flip_p"], pad=d["pad"], random_erasing_p=0.0))
+            *train_size(cfg), is_train=True, flip_p=d["flip_p"], pad=d["pad"], random_erasing_p=0.0))
         s = cfg["sampler"]
         self.sampler = PKSampler([r.pid for r in self.split.train], p=s["p"], k=s["k"], seed=int(cfg["seed"]))
         self.nets = build_nets(cfg).to(self.device)
