@@ -35,3 +35,18 @@ def attack_extra(name: str) -> dict:
 
     torch.manual_seed(0)
     return {"generator": DMRNets(Generator(4, 1), Discriminator(4, temperature=30))}
+
+
+def untrained_cnn4_run(out, eval_batch_size: int = 32):
+    """A run folder holding an untrained (seeded) cnn4 at 64x32, 12 classes: for tests of mechanics that do not need
+    a good model (training one would take most of a test file's time budget)."""
+    import torch
+
+    from advreid.models import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("cnn4", 12, pretrained=False).eval()
+    cfg = {"data": {"name": "market1501"}, "eval": {"batch_size": eval_batch_size}, "model": {"name": "cnn4"}}
+    save_checkpoint(out / "checkpoints" / "final", model,
+                    meta={"model_name": "cnn4", "dataset": "market1501", "input_size": [64, 32], "config": cfg})
+    return out

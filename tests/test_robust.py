@@ -11,6 +11,7 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
+from tests.conftest import untrained_cnn4_run
 from torch import nn
 
 from advreid.attacks import build
@@ -47,17 +48,8 @@ class HardQuant(nn.Module):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A run folder holding an untrained (seeded) cnn4 at 64x32: the ensemble's mechanics do not need a good model,
-    and training one would take most of this file's time budget."""
-    from advreid.models import save_checkpoint
-
-    out = tmp_path_factory.mktemp("robust") / "run"
-    torch.manual_seed(0)
-    model = build_model("cnn4", 12, pretrained=False).eval()
-    cfg = {"data": {"name": "market1501"}, "eval": {"batch_size": 32}, "model": {"name": "cnn4"}}
-    save_checkpoint(out / "checkpoints" / "final", model,
-                    meta={"model_name": "cnn4", "dataset": "market1501", "input_size": [64, 32], "config": cfg})
-    return out
+    """An untrained (seeded) cnn4 run at 64x32: the ensemble's mechanics do not need a good model."""
+    return untrained_cnn4_run(tmp_path_factory.mktemp("robust") / "run")
 
 
 def _files(out):

@@ -12,10 +12,10 @@ import os
 
 import pytest
 import torch
-from tests.test_sharding import _free_port, _one_thread, _torchrun
+from tests.conftest import untrained_cnn4_run
+from tests.test_sharding import _crash_worker, _free_port, _one_thread, _torchrun
 
 from advreid.cli import main
-from advreid.models import build_model
 
 ARGS = ["--version", "quick", "--max-images", "10", "--batch-size", "4", "--device", "cpu", "--num-workers", "0"]
 TIMING = ("seconds", "time_per_image_s", "cost", "finished", "shards", "num_resumed")
@@ -24,15 +24,7 @@ TIMING = ("seconds", "time_per_image_s", "cost", "finished", "shards", "num_resu
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """An untrained (seeded) cnn4 run folder at 64x32 whose eval batch size (5) splits the clean sets too."""
-    from advreid.models import save_checkpoint
-
-    out = tmp_path_factory.mktemp("robust_shard") / "run"
-    torch.manual_seed(0)
-    model = build_model("cnn4", 12, pretrained=False).eval()
-    cfg = {"data": {"name": "market1501"}, "eval": {"batch_size": 5}, "model": {"name": "cnn4"}}
-    save_checkpoint(out / "checkpoints" / "final", model,
-                    meta={"model_name": "cnn4", "dataset": "market1501", "input_size": [64, 32], "config": cfg})
-    return out
+    return untrained_cnn4_run(tmp_path_factory.mktemp("robust_shard") / "run", eval_batch_size=5)
 
 
 def _numbers(x):
@@ -72,26 +64,6 @@ def test_two_ranks_equal_one_process(run, synth_root, single, tmp_path):
     assert set(ref["per_query"]["winner"]) >= {"apgd"} and ref["worst_case"]["mAP"] < ref["clean"]["mAP"]
     assert not (out / "shards").exists()  # complete: the finished batches are in the member files
     assert proc.stdout.count("saved to") == 1  # rank 0 alone prints
-
-
-def _crash_worker(rank: int, world: int, port: int, argv: list, saves: int) -> None:
-    """A rank of a 2-process run that dies (``os._exit``, no clean-up) when it is about to save its batch number
-    ``saves + 1``: a killed job."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from advreid.evaluation import sharding
-
-    real, done = sharding.BatchStore.save, [0]
-
-    def save(self, *a, **k):
-        if done[0] == saves:
-            os._exit(3)
-        done[0] += 1
-        return real(self, *a, **k)
-
-    sharding.BatchStore.save = save
-    main(argv)
 
 
 def test_killed_sharded_run_resumes_in_one_process(run, synth_root, single, tmp_path):

@@ -4,6 +4,7 @@ features. The archive holds its weights (no ``@WEIGHTS``); forward hooks do not 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,8 +24,10 @@ def load_torchscript(name: str, weights: Path | None, card: ModelCard) -> Built:
     if not path.is_file():
         raise FileNotFoundError(f"torchscript:{name}: file {str(path)!r} does not exist")
     try:
-        net = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch >= 2.9 deprecates TorchScript; loading a user's export stays valid
+            warnings.simplefilter("ignore", FutureWarning)
+            net = torch.jit.load(str(path), map_location="cpu")
     except (RuntimeError, ValueError) as e:
-        msg = " ".join(str(e).split())[:300]
+        msg = " ".join(str(e).split()).split(". ")[0][:200]  # torch's first sentence; the rest is generic advice
         raise ValueError(f"torchscript:{name}: not a TorchScript archive (torch.jit.save): {msg}") from None
     return Built(net.eval(), weights_file=path, cam_layer="skip: TorchScript modules take no forward hooks")
