@@ -126,8 +126,10 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         return 0
     _print_skipped(res.get("skipped_images"))
     p = res["protocol"]
+    m = res["model"]
+    who = f"trained on {res['trained_on']}" if res.get("trained_on") else f"model {m.get('spec') or m.get('run_dir')}"
     _print_results(res, f"{res['dataset']} ({p['num_query']} query / {p['num_gallery']} gallery), "
-                        f"metric {p['metric']}, flip {p['flip']}, AP {p['ap']}, trained on {res['trained_on']}"
+                        f"metric {p['metric']}, flip {p['flip']}, AP {p['ap']}, {who}"
                         + (f", defense {res['defense']['name']}" if res["defense"] else ""))
     print(f"saved to {saved}")
     return 0
